@@ -1,0 +1,181 @@
+"""The trainer's options: one typed model, shared by the CLI flags and the API's `training` object."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DeepSpeedPreset = Literal["zero2", "zero2-offload", "zero3", "zero3-offload"]
+DEEPSPEED_PRESETS: tuple[str, ...] = ("zero2", "zero2-offload", "zero3", "zero3-offload")
+
+# The keys a client may send in the API's `training` object (../shared/API.md): one vocabulary
+# with train_safe.py's flags. Paths, fault injection and remote code stay CLI/worker-only.
+API_TRAINING_FIELDS: frozenset[str] = frozenset(
+    {
+        "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "use_8bit", "use_4bit", "gradient_checkpointing", "fp16", "bf16", "epochs",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
+        "max_seq_length", "warmup_ratio", "weight_decay", "save_steps", "logging_steps", "seed",
+        "packing", "train_on_completions_only", "deepspeed",
+    }
+)
+
+
+class TrainingOptions(BaseModel):
+    """Every knob of one training run; each field's description is its `--help` line."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # What to train, on what, and where to write.
+    model: str = Field("distilgpt2", description="Hub id or local folder of the base model.")
+    data: str | None = Field(None, description="Training JSONL; the built-in dataset when omitted.")
+    validation_data: str | None = Field(None, description="Validation JSONL, evaluated at each save.")
+    eval_data: str | None = Field(None, description="HumanEval-shaped JSONL for sandboxed evaluation.")
+    output_dir: str = Field("./runs/safetrain", description="Folder for checkpoints and the adapter.")
+
+    # LoRA.
+    use_lora: bool = Field(False, description="Train LoRA adapters (PEFT) instead of all weights.")
+    lora_r: int = Field(8, description="LoRA rank.")
+    lora_alpha: int = Field(16, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.05, description="Dropout on the LoRA path, in [0, 1).")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Modules to adapt (comma-separated); found from the architecture when omitted."
+    )
+
+    # Weights and placement.
+    use_8bit: bool | None = Field(
+        None, description="Load weights in 8-bit (bitsandbytes); on by default above 7B parameters."
+    )
+    use_4bit: bool = Field(False, description="Load weights in 4-bit NF4 with double quantization.")
+    device_map: Literal["auto"] | None = Field(
+        None, description="'auto' spreads layers over GPUs and the CPU (offload)."
+    )
+    max_memory: dict[str, str] | None = Field(
+        None, description="Per-device caps for device_map=auto, e.g. 0=10GiB,cpu=30GiB."
+    )
+    trust_remote_code: bool = Field(False, description="Run the model folder's own code (off: unsafe).")
+
+    # Memory savers and precision.
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward; on by default when the memory plan is tight."
+    )
+    fp16: bool = Field(False, description="Mixed precision in float16 (GPU).")
+    bf16: bool = Field(False, description="Mixed precision in bfloat16 (GPU or CPU that supports it).")
+    deepspeed: DeepSpeedPreset | None = Field(
+        None, description="DeepSpeed ZeRO preset: zero2, zero2-offload, zero3, zero3-offload."
+    )
+
+    # Schedule.
+    epochs: float = Field(1.0, description="Passes over the training data.")
+    per_device_train_batch_size: int = Field(2, description="Micro-batch size per device.")
+    gradient_accumulation_steps: int = Field(1, description="Micro-batches summed before each step.")
+    learning_rate: float | None = Field(
+        None, description="Peak learning rate; 2e-4 with LoRA, 2e-5 for a full fine-tune when omitted."
+    )
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps.")
+    max_seq_length: int = Field(512, description="Tokens per example; longer ones are truncated.")
+    warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, description="AdamW weight decay.")
+    save_steps: int | None = Field(None, description="Checkpoint every N steps (default: at the end only).")
+    save_total_limit: int = Field(2, description="Keep at most this many checkpoints.")
+    logging_steps: int = Field(10, description="Log metrics and memory every N steps.")
+    seed: int = Field(42, description="Random seed.")
+    packing: bool = Field(False, description="Pack short examples into full-length sequences.")
+    train_on_completions_only: bool = Field(
+        False, description="Compute the loss on completions/assistant turns only."
+    )
+    resume_from_checkpoint: str | None = Field(
+        None, description="Checkpoint folder to resume from, or 'latest' in output_dir."
+    )
+
+    # Planning and safety.
+    dry_run: bool = Field(False, description="Print the memory plan and exit without loading weights.")
+    memory_budget_gb: float | None = Field(
+        None, description="Memory budget for the plan instead of the device's free memory."
+    )
+    max_oom_retries: int = Field(3, description="Times to halve the micro-batch after an out-of-memory.")
+    max_divergence_retries: int = Field(2, description="Times to roll back after a NaN/inf loss.")
+    inject_oom_at_step: int | None = Field(None, description="Testing: raise a fake OOM at this step.")
+    inject_nan_at_step: int | None = Field(None, description="Testing: make the loss NaN at this step.")
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _parse_max_memory(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("max_memory must look like 0=10GiB,cpu=30GiB")
+            return {key.strip(): size.strip() for key, size in pairs}
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_contradictions(self) -> TrainingOptions:
+        for problem in find_option_problems(self):
+            raise ValueError(problem)
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimizer step on one device."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        """The learning rate asked for, or the safe default for LoRA or a full fine-tune."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.use_lora else 2e-5
+
+
+def find_option_problems(options: TrainingOptions) -> list[str]:
+    """Contradictions and out-of-range values, each message naming the flags involved."""
+    problems: list[str] = []
+    if options.use_8bit and options.use_4bit:
+        problems.append("--use_8bit and --use_4bit contradict each other: choose one weight bit width")
+    if options.fp16 and options.bf16:
+        problems.append("--fp16 and --bf16 contradict each other: choose one mixed precision")
+    if (options.use_8bit or options.use_4bit) and not options.use_lora:
+        problems.append("--use_8bit/--use_4bit need --use_lora: quantized weights cannot be trained directly")
+    if options.deepspeed and (options.use_8bit or options.use_4bit):
+        problems.append("--deepspeed cannot shard bitsandbytes-quantized weights: drop --use_8bit/--use_4bit")
+    if options.deepspeed and options.device_map:
+        problems.append("--deepspeed and --device_map contradict each other: DeepSpeed places the weights")
+    positive = {
+        "lora_r": options.lora_r,
+        "lora_alpha": options.lora_alpha,
+        "per_device_train_batch_size": options.per_device_train_batch_size,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "max_seq_length": options.max_seq_length,
+        "logging_steps": options.logging_steps,
+        "save_total_limit": options.save_total_limit,
+    }
+    problems += [f"--{name} must be at least 1 (got {value})" for name, value in positive.items() if value < 1]
+    optional_positive = {"max_steps": options.max_steps, "save_steps": options.save_steps}
+    problems += [
+        f"--{name} must be at least 1 (got {value})"
+        for name, value in optional_positive.items()
+        if value is not None and value < 1
+    ]
+    if not 0 <= options.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1) (got {options.lora_dropout})")
+    if not 0 <= options.warmup_ratio < 1:
+        problems.append(f"--warmup_ratio must be in [0, 1) (got {options.warmup_ratio})")
+    if options.epochs <= 0:
+        problems.append(f"--epochs must be positive (got {options.epochs})")
+    if options.learning_rate is not None and not 0 < options.learning_rate < 1:
+        problems.append(f"--learning_rate must be in (0, 1) (got {options.learning_rate})")
+    if options.weight_decay < 0:
+        problems.append(f"--weight_decay must not be negative (got {options.weight_decay})")
+    if options.memory_budget_gb is not None and options.memory_budget_gb <= 0:
+        problems.append(f"--memory_budget_gb must be positive (got {options.memory_budget_gb})")
+    if options.max_oom_retries < 0 or options.max_divergence_retries < 0:
+        problems.append("--max_oom_retries and --max_divergence_retries must not be negative")
+    return problems

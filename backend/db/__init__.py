@@ -1,0 +1,1 @@
+"""SQL state: SQLAlchemy 2.0 models, sessions and Alembic migrations."""

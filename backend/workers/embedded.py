@@ -1,0 +1,233 @@
+"""`safetrain up`: the API and one real Celery worker on one machine, supervised by one process.
+
+With no settings this runs on SQLite and kombu's SQLAlchemy transport (a second SQLite file), so a
+newcomer needs no server; with SAFETRAIN_DATABASE_URL and SAFETRAIN_BROKER_URL it runs the same two
+processes on PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import psutil
+
+DEFAULT_PROJECT = "default"
+DEMO_MODEL = "tiny-gpt2"
+READY_TIMEOUT_SECONDS = 120.0
+# A training step can take a while on a big model; the trainer checkpoints at the next step boundary.
+STOP_GRACE_SECONDS = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class _Children:
+    """The two processes `safetrain up` supervises."""
+
+    api: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+    stop_requested: list[int] = field(default_factory=list)
+
+    def all(self) -> tuple[subprocess.Popen[bytes], ...]:
+        return (self.api, self.worker)
+
+
+def run_embedded(host: str, port: int, demo_model: bool) -> None:
+    """Migrate, make sure a default project and (optionally) the demo model exist, then run API + worker."""
+    from backend.config import get_settings
+    from backend.db.migrations import upgrade_to_head
+
+    settings = get_settings()
+    data_dir = Path(settings.data_dir).resolve()
+    models_dir = Path(settings.models_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head()
+    key = ensure_default_project()
+    if demo_model:
+        ensure_demo_model(models_dir)
+    env = _child_environment(data_dir, models_dir)
+    children = _start_children(host, port, env)
+    _install_stop_handlers(children)
+    try:
+        if _wait_until_ready(children, host, port):
+            print(banner(host=host, port=port, key=key, data_dir=data_dir, models_dir=models_dir), flush=True)
+            _supervise(children)
+    finally:
+        stop_children(children)
+    codes = [child.returncode for child in children.all()]
+    if not children.stop_requested and any(codes):
+        raise SystemExit(f"safetrain up: a child process exited unexpectedly (api {codes[0]}, worker {codes[1]})")
+
+
+def ensure_default_project() -> str | None:
+    """Create the default project and return its first key; None when it already exists (printed before)."""
+    from sqlalchemy import select
+
+    from backend.db.models import Project
+    from backend.db.session import session_scope
+    from backend.services.keys import create_key_for_project_name
+
+    # The project row is the marker: it lives with the data, so a restart (or a second machine on the
+    # same PostgreSQL) never mints another key just by starting.
+    with session_scope() as session:
+        exists = session.scalar(select(Project.id).where(Project.name == DEFAULT_PROJECT)) is not None
+    if exists:
+        return None
+    return create_key_for_project_name(DEFAULT_PROJECT)
+
+
+def ensure_demo_model(models_dir: Path) -> Path:
+    """Build the tiny random-weight demo model under models_dir unless it is already there."""
+    folder = models_dir / DEMO_MODEL
+    if not (folder / "config.json").is_file():
+        from backend.training.tiny_models import make_tiny_model
+
+        print(f"Building the demo model {DEMO_MODEL} in {folder} ...", flush=True)
+        make_tiny_model(folder, arch="gpt2")
+    return folder
+
+
+def banner(*, host: str, port: int, key: str | None, data_dir: Path, models_dir: Path) -> str:
+    """What `safetrain up` prints once the API answers: the URL, the key and a first request."""
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown_host}:{port}"
+    models = _model_names(models_dir)
+    models_line = ", ".join(models) if models else f"none yet (safetrain models make-tiny {models_dir / DEMO_MODEL})"
+    key_line = (
+        f"API key (project '{DEFAULT_PROJECT}', shown once; keep it): {key}"
+        if key
+        else f"The key of project '{DEFAULT_PROJECT}' was printed on the first start."
+    )
+    shown_key = key or "$SAFETRAIN_API_KEY"
+    return "\n".join(
+        [
+            "",
+            f"safetrain is running at {url}/v1   (OpenAPI: {url}/docs)",
+            key_line,
+            f"Another key: safetrain keys create --project NAME   (data: {data_dir}, models: {models_dir})",
+            f"Base models: {models_line}",
+            "Try it:",
+            f"  curl -s {url}/v1/models -H 'Authorization: Bearer {shown_key}'",
+            "Stop with Ctrl-C.",
+            "",
+        ]
+    )
+
+
+def _model_names(models_dir: Path) -> list[str]:
+    if not models_dir.is_dir():
+        return []
+    return sorted(folder.name for folder in models_dir.iterdir() if (folder / "config.json").is_file())
+
+
+def stop_children(children: _Children, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+    """Stop the API and the worker: trainers checkpoint, the worker finishes its task, then both exit."""
+    _signal(children.api, signal.SIGTERM)
+    # The trainers (grandchildren of the worker) checkpoint and exit on SIGTERM; the worker's main
+    # process then makes a warm shutdown, recording how the task ended before it goes.
+    for trainer in _trainer_processes(children.worker):
+        _signal_pid(trainer.pid, signal.SIGTERM)
+    _signal(children.worker, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    for child in children.all():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_group(child)
+            child.wait()
+    _kill_group(children.worker)  # leftovers in its session (a trainer that ignored SIGTERM)
+
+
+def _child_environment(data_dir: Path, models_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # Absolute paths, so the children agree with this process whatever their working folder.
+    env["SAFETRAIN_DATA_DIR"] = str(data_dir)
+    env["SAFETRAIN_MODELS_DIR"] = str(models_dir)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _start_children(host: str, port: int, env: dict[str, str]) -> _Children:
+    command = [sys.executable, "-m", "backend.cli"]
+    api = _spawn([*command, "api", "--host", host, "--port", str(port)], env)
+    worker = _spawn([*command, "worker", "--concurrency", "1"], env)
+    return _Children(api=api, worker=worker)
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # Its own session: a terminal's Ctrl-C reaches only this supervisor, which stops the children in
+    # order (trainer, worker, API) instead of all at once.
+    return subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the supervisor dies without stopping us (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _install_stop_handlers(children: _Children) -> None:
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        children.stop_requested.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def _wait_until_ready(children: _Children, host: str, port: int) -> bool:
+    """Poll /healthz until the API answers; False when a child died or a stop was asked for first."""
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{probe_host}:{port}/healthz"
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if children.stop_requested or any(child.poll() is not None for child in children.all()):
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as answer:
+                if answer.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    print(f"safetrain up: the API did not answer {url} within {READY_TIMEOUT_SECONDS:.0f} s", file=sys.stderr)
+    return False
+
+
+def _supervise(children: _Children) -> None:
+    """Return when a stop is asked for or when either child exits."""
+    while not children.stop_requested and all(child.poll() is None for child in children.all()):
+        time.sleep(0.2)
+
+
+def _trainer_processes(worker: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """Processes below the worker's pool children: the trainers the worker's tasks spawned."""
+    try:
+        pool = psutil.Process(worker.pid).children()
+        return [grandchild for child in pool for grandchild in child.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _signal(child: subprocess.Popen[bytes], signum: int) -> None:
+    if child.poll() is None:
+        _signal_pid(child.pid, signum)
+
+
+def _signal_pid(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""Logic shared by the API and the workers; imports neither FastAPI nor Celery."""

@@ -1,0 +1,267 @@
+"""Fine-tuning jobs: creation (validated, quota-checked, committed, then enqueued) and the state machine."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from backend.config import Settings
+from backend.db.models import (
+    ACTIVE_JOB_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    Checkpoint,
+    File,
+    Job,
+    JobEvent,
+    Project,
+    TelemetrySample,
+    now,
+)
+from backend.services.base_models import resolve_base_model
+from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
+from backend.services.pagination import Page, keyset_page
+from backend.services.training_request import resolve_training
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_METADATA_KEYS = 16
+
+
+@dataclass
+class JobSpec:
+    """What a client asked for when creating a job (already type-checked by the API schema)."""
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any] | None = None
+    method: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    seed: int | None = None
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+def _dataset_file(*, session: Session, project: Project, file_id: str, param: str) -> File:
+    row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
+    if row is None:
+        raise InvalidRequest(f"No such file: {file_id}", param=param, code="invalid_" + param)
+    if row.purpose != "fine-tune" or row.status != "processed":
+        raise InvalidRequest(f"File {file_id} is not a processed fine-tune dataset.", param=param)
+    return row
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidRequest(f"metadata holds at most {MAX_METADATA_KEYS} keys.", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+            raise InvalidRequest("metadata keys are strings up to 64 characters, values up to 512.", param="metadata")
+
+
+def active_job_count(*, session: Session, project: Project) -> int:
+    """Jobs of the project that hold or wait for a worker."""
+    query = select(func.count()).where(Job.project_id == project.id, Job.status.in_(ACTIVE_JOB_STATUSES))
+    return int(session.scalar(query) or 0)
+
+
+def _check_job_quota(*, session: Session, settings: Settings, project: Project) -> None:
+    limit = project.max_concurrent_jobs or settings.max_concurrent_jobs
+    if active_job_count(session=session, project=project) >= limit:
+        raise QuotaExceeded(f"The project already has {limit} unfinished jobs, its quota.")
+
+
+def add_event(*, session: Session, job: Job, message: str, level: str = "info") -> None:
+    """Record a message event of the job (the API's own: created, cancel asked, …)."""
+    session.add(JobEvent(job_id=job.id, attempt=job.attempt, level=level, type="message", message=message))
+
+
+def enqueue(job_id: str) -> None:
+    """Ring the broker's doorbell for a committed job; a lost message is re-sent by the reconciler."""
+    from backend.workers.dispatch import enqueue_job
+
+    try:
+        enqueue_job(job_id)
+    except Exception:
+        # The row is committed and queued: the reconciler re-enqueues it; a 5xx here would make clients resubmit.
+        log.exception("could not enqueue job %s; the reconciler will", job_id)
+
+
+def create_job(*, session: Session, settings: Settings, project: Project, spec: JobSpec) -> Job:
+    """Validate the request, store the job as queued, commit, then enqueue its id."""
+    model = resolve_base_model(spec.model, settings=settings)
+    resolved = resolve_training(
+        hyperparameters=spec.hyperparameters, method=spec.method, training=spec.training, seed=spec.seed
+    )
+    _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
+    if spec.validation_file is not None:
+        _dataset_file(session=session, project=project, file_id=spec.validation_file, param="validation_file")
+    if spec.suffix is not None and not _SUFFIX.fullmatch(spec.suffix):
+        raise InvalidRequest("suffix must be 1 to 64 letters, digits, '-' or '_'.", param="suffix")
+    _check_metadata(spec.metadata)
+    _check_job_quota(session=session, settings=settings, project=project)
+    job = Job(
+        project_id=project.id,
+        model=model.name,
+        training_file_id=spec.training_file,
+        validation_file_id=spec.validation_file,
+        status="queued",
+        hyperparameters=resolved.hyperparameters,
+        method=resolved.method,
+        training=resolved.training,
+        metadata_=spec.metadata,
+        suffix=spec.suffix,
+        seed=resolved.options.seed,
+        result_files=[],
+    )
+    session.add(job)
+    session.flush()
+    add_event(session=session, job=job, message=f"Created fine-tuning job: {job.id}")
+    session.commit()
+    enqueue(job.id)
+    return job
+
+
+def get_job(*, session: Session, project: Project, job_id: str) -> Job:
+    """The project's job, or NotFound (other projects' jobs included)."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id))
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(
+    *, session: Session, project: Project, after: str | None, limit: int, metadata: dict[str, str] | None = None
+) -> Page[Job]:
+    """The project's jobs, newest first, optionally those whose metadata holds every given pair."""
+    query = select(Job).where(Job.project_id == project.id)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.metadata_[key].as_string() == value)
+    return keyset_page(session=session, query=query, model=Job, after=after, limit=limit)
+
+
+def _transition(*, session: Session, job: Job, from_status: str, **values: Any) -> bool:
+    """Apply `values` only if the job still has `from_status` (a worker may have moved it meanwhile)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == from_status)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _refuse_finished(job: Job, action: str) -> None:
+    if job.status in TERMINAL_JOB_STATUSES:
+        raise InvalidRequest(f"Cannot {action} job {job.id}: it has already {job.status}.", param="fine_tuning_job_id")
+
+
+def cancel_job(*, session: Session, job: Job) -> Job:
+    """Cancel: a queued or paused job at once; a running one cooperatively (the worker stops it)."""
+    for _ in range(3):
+        _refuse_finished(job, "cancel")
+        if job.status in ("queued", "paused"):
+            done = _transition(
+                session=session,
+                job=job,
+                from_status=job.status,
+                status="cancelled",
+                finished_at=now(),
+                requested_action=None,
+            )
+        else:
+            done = _transition(session=session, job=job, from_status=job.status, requested_action="cancel")
+        if done:
+            add_event(
+                session=session, job=job, message="Cancellation requested" if job.requested_action else "Job cancelled"
+            )
+            session.commit()
+            return job
+    raise InvalidRequest(f"Job {job.id} changed state while cancelling; try again.", param="fine_tuning_job_id")
+
+
+def pause_job(*, session: Session, job: Job) -> Job:
+    """Pause: a running job checkpoints and stops (the worker does it); a queued one waits as paused."""
+    for _ in range(3):
+        _refuse_finished(job, "pause")
+        if job.status == "paused" or job.requested_action == "pause":
+            return job
+        if job.status == "queued":
+            done = _transition(session=session, job=job, from_status="queued", status="paused")
+        elif job.requested_action == "cancel":
+            raise InvalidRequest(f"Job {job.id} is being cancelled.", param="fine_tuning_job_id")
+        else:
+            done = _transition(session=session, job=job, from_status=job.status, requested_action="pause")
+        if done:
+            add_event(session=session, job=job, message="Pause requested" if job.requested_action else "Job paused")
+            session.commit()
+            return job
+    raise InvalidRequest(f"Job {job.id} changed state while pausing; try again.", param="fine_tuning_job_id")
+
+
+def resume_job(*, session: Session, settings: Settings, project: Project, job: Job) -> Job:
+    """Resume a paused job: back to queued (the worker continues from the last checkpoint), then enqueue."""
+    if job.status != "paused":
+        if job.requested_action == "pause" and job.status not in TERMINAL_JOB_STATUSES:
+            _transition(session=session, job=job, from_status=job.status, requested_action=None)
+            session.commit()
+            return job
+        raise InvalidRequest(
+            f"Only paused jobs can be resumed; job {job.id} is {job.status}.", param="fine_tuning_job_id"
+        )
+    _check_job_quota(session=session, settings=settings, project=project)
+    if not _transition(session=session, job=job, from_status="paused", status="queued", requested_action=None):
+        raise InvalidRequest(f"Job {job.id} changed state while resuming; try again.", param="fine_tuning_job_id")
+    add_event(session=session, job=job, message="Job resumed")
+    session.commit()
+    enqueue(job.id)
+    return job
+
+
+def list_events(*, session: Session, job: Job, after: str | None, limit: int) -> Page[JobEvent]:
+    """The job's events, newest first."""
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    return keyset_page(session=session, query=query, model=JobEvent, after=after, limit=limit)
+
+
+def events_since(*, session: Session, job_id: str, seq: int, limit: int = 500) -> list[JobEvent]:
+    """The job's events after event number `seq`, oldest first (the SSE stream)."""
+    query = (
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq).order_by(JobEvent.seq.asc()).limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def list_checkpoints(*, session: Session, job: Job, after: str | None, limit: int) -> Page[Checkpoint]:
+    """The job's complete checkpoints, newest first."""
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    return keyset_page(session=session, query=query, model=Checkpoint, after=after, limit=limit)
+
+
+def list_telemetry(*, session: Session, job: Job, after_seq: int, limit: int) -> Page[TelemetrySample]:
+    """The job's memory samples in time order, after sample number `after_seq`."""
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest(f"limit must be between 1 and 10000 (got {limit}).", param="limit")
+    query = (
+        select(TelemetrySample)
+        .where(TelemetrySample.job_id == job.id, TelemetrySample.seq > after_seq)
+        .order_by(TelemetrySample.seq.asc())
+        .limit(limit + 1)
+    )
+    rows = list(session.scalars(query))
+    return Page(rows=rows[:limit], has_more=len(rows) > limit)
+
+
+def fine_tuned_models(*, session: Session, project: Project) -> list[Job]:
+    """The project's succeeded jobs that produced a fine-tuned model, newest first."""
+    query = select(Job).where(Job.project_id == project.id, Job.fine_tuned_model.is_not(None)).order_by(Job.seq.desc())
+    return list(session.scalars(query))

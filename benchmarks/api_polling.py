@@ -1,0 +1,158 @@
+"""Status polling: GET /v1/fine_tuning/jobs/{id} under 64 concurrent clients, against a bare FastAPI route.
+
+Both servers are one uvicorn process each (uvloop, httptools), on the same database and the same job
+row, measured in the same run by the same load generator (keep-alive connections, one request in flight
+each). The bare route reads the row with the same session factory and answers a few columns, with no
+authentication: the ratio says what safetrain's auth, project scoping and response shape cost.
+Targets: safetrain/bare req/s >= 0.6 and safetrain p99 < 50 ms.
+
+    python benchmarks/api_polling.py [--database sqlite|postgres|both] [--seconds 10] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+# api_common sits beside this script (run as `python benchmarks/api_polling.py`: benchmarks/ is on sys.path).
+from api_common import LoadResult, append_results, free_port, hammer, safetrain, stack_env, start_uvicorn, stop
+from fastapi import FastAPI, HTTPException
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def create_bare_app() -> FastAPI:
+    """The baseline: one FastAPI route reading the job row, nothing else."""
+    from backend.db.models import Job
+    from backend.db.session import get_session_factory
+
+    app = FastAPI()
+    sessions = get_session_factory()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/bare/jobs/{job_id}")
+    def read_job(job_id: str) -> dict[str, object]:
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise HTTPException(status_code=404)
+            return {"id": job.id, "object": "fine_tuning.job", "status": job.status, "created_at": job.created_at}
+
+    return app
+
+
+@contextmanager
+def database(kind: str) -> Iterator[str | None]:
+    """None for the embedded SQLite default, or a fresh PostgreSQL database dropped afterwards."""
+    if kind == "sqlite":
+        yield None
+        return
+    import psycopg
+
+    name = f"safetrain_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_queued_job(base_url: str, key: str, work: Path) -> str:
+    """Upload a small dataset and submit a job through the API; no worker runs, so it stays queued."""
+    dataset = work / "train.jsonl"
+    dataset.write_text("".join(json.dumps({"text": f"example {i}"}) + "\n" for i in range(8)))
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
+        with dataset.open("rb") as handle:
+            uploaded = client.post("/v1/files", files={"file": handle}, data={"purpose": "fine-tune"})
+        uploaded.raise_for_status()
+        job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": uploaded.json()["id"]})
+        job.raise_for_status()
+        return str(job.json()["id"])
+
+
+def measure(kind: str, args: argparse.Namespace, work: Path) -> tuple[list[LoadResult], list[LoadResult]]:
+    from backend.training.tiny_models import make_tiny_model
+
+    make_tiny_model(work / "models" / "tiny-gpt2")
+    with database(kind) as url:
+        env = stack_env(work / "data", work / "models", **({"database_url": url} if url else {}))
+        safetrain(env, "migrate")
+        key = safetrain(env, "keys", "create", "--project", "bench").strip()
+        ours, bare = [], []
+        for _ in range(args.rounds):
+            port = free_port()
+            server = start_uvicorn("backend.api.app:create_app", port, env, work / "api.log")
+            try:
+                job_id = create_queued_job(f"http://127.0.0.1:{port}", key, work)
+                auth = {"Authorization": f"Bearer {key}"}
+                ours.append(hammer(port, f"/v1/fine_tuning/jobs/{job_id}", auth, **_load(args)))
+            finally:
+                stop(server)
+            port = free_port()
+            here = Path(__file__).parent
+            server = start_uvicorn("api_polling:create_bare_app", port, env, work / "bare.log", app_dir=here)
+            try:
+                bare.append(hammer(port, f"/bare/jobs/{job_id}", {}, **_load(args)))
+            finally:
+                stop(server)
+            print(f"[{kind}] safetrain {ours[-1].summary()}\n[{kind}] bare      {bare[-1].summary()}", flush=True)
+    return ours, bare
+
+
+def _load(args: argparse.Namespace) -> dict[str, float | int]:
+    return {"clients": args.clients, "seconds": args.seconds, "warmup": args.warmup}
+
+
+def merged(results: list[LoadResult]) -> LoadResult:
+    return LoadResult(
+        [x for r in results for x in r.latencies], sum(r.seconds for r in results), sum(r.errors for r in results)
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating safetrain/bare rounds")
+    parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+    lines = [f"- {args.clients} clients, {args.rounds} x {args.seconds:.0f} s per server, one uvicorn process each"]
+    passed = True
+    for kind in kinds:
+        with tempfile.TemporaryDirectory(prefix="safetrain-bench-") as tmp:
+            ours, bare = measure(kind, args, Path(tmp))
+        ours_all, bare_all = merged(ours), merged(bare)
+        ratio = ours_all.requests_per_second / bare_all.requests_per_second
+        p99_ms = ours_all.percentile(0.99) * 1000
+        ok = ratio >= 0.6 and p99_ms < 50 and ours_all.errors == 0
+        passed &= ok
+        lines += [
+            f"- {kind}: safetrain `GET /v1/fine_tuning/jobs/{{id}}` {ours_all.summary()}",
+            f"- {kind}: bare FastAPI route reading the same row {bare_all.summary()}",
+            f"- {kind}: ratio {ratio:.2f} (target >= 0.6), p99 {p99_ms:.1f} ms (target < 50): "
+            + ("PASS" if ok else "FAIL"),
+        ]
+    print("\n".join(lines))
+    if args.record:
+        append_results("API status polling (benchmarks/api_polling.py)", lines)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

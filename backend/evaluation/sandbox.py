@@ -16,6 +16,7 @@ Isolation comes from the operating system, never from Python-level guards:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+Popen = subprocess.Popen[bytes]
 StopReason = Literal["timeout", "memory", "output_limit", "process_limit", "file_size", "killed"]
 
 SANDBOX_PROGRAM = "/sandbox/main.py"
@@ -122,17 +124,22 @@ def run_python(
     if timeout_s <= 0 or memory_mb <= 0 or max_output_bytes <= 0 or max_processes <= 0:
         raise ValueError("timeout_s, memory_mb, max_output_bytes and max_processes must be positive")
     command = _sandbox_command(config, timeout_s=timeout_s, memory_mb=memory_mb, max_processes=max_processes)
-    program_fd = _memory_file(source.encode("utf-8"), "program")
     stdin_fd = _memory_file(stdin.encode("utf-8") if isinstance(stdin, str) else stdin, "stdin") if stdin else None
     status_read, status_write = os.pipe()
+    program_fd = _memory_file(source.encode("utf-8"), "program")
     try:
         argv = _with_fds(command, program_fd=program_fd, status_fd=status_write)
-        return _supervise(argv, config, stdin_fd, (program_fd, status_write), status_read,
-                          timeout_s=timeout_s, max_output_bytes=max_output_bytes)
+        process = _start(argv, config, stdin_fd, pass_fds=(program_fd, status_write))
     finally:
-        for fd in (program_fd, stdin_fd, status_read, status_write):
-            if fd is not None:
-                _close_quietly(fd)
+        # The child holds its own copies; ours would keep the status pipe open forever.
+        os.close(program_fd)
+        os.close(status_write)
+        if stdin_fd is not None:
+            os.close(stdin_fd)
+    try:
+        return _supervise(process, status_read, timeout_s=timeout_s, max_output_bytes=max_output_bytes)
+    finally:
+        os.close(status_read)
 
 
 def check_sandbox(config: SandboxConfig | None = None) -> None:
@@ -191,19 +198,18 @@ def _with_fds(command: list[str], *, program_fd: int, status_fd: int) -> list[st
     return [values.get(arg, arg) for arg in command]
 
 
-def _supervise(
-    argv: list[str],
-    config: SandboxConfig,
-    stdin_fd: int | None,
-    pass_fds: tuple[int, ...],
-    status_read: int,
-    *,
-    timeout_s: float,
-    max_output_bytes: int,
-) -> SandboxResult:
+def _start(argv: list[str], config: SandboxConfig, stdin_fd: int | None, *, pass_fds: tuple[int, ...]) -> Popen:
     as_other = _runs_as_other_uid(config)
-    started = time.monotonic()
-    process = subprocess.Popen(
+    try:
+        return _popen(argv, config, stdin_fd, pass_fds=pass_fds, as_other=as_other)
+    except OSError as error:
+        raise SandboxUnavailable(f"could not start bubblewrap ({argv[0]}): {error}") from error
+
+
+def _popen(
+    argv: list[str], config: SandboxConfig, stdin_fd: int | None, *, pass_fds: tuple[int, ...], as_other: bool
+) -> Popen:
+    return subprocess.Popen(
         argv,
         stdin=stdin_fd if stdin_fd is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -216,8 +222,10 @@ def _supervise(
         group=config.gid if as_other else None,
         extra_groups=[] if as_other else None,
     )
-    for fd in pass_fds:
-        os.close(fd)  # the child holds its copies; ours would keep the status pipe open forever
+
+
+def _supervise(process: Popen, status_read: int, *, timeout_s: float, max_output_bytes: int) -> SandboxResult:
+    started = time.monotonic()
     stdout, stderr = _Capture(max_output_bytes), _Capture(max_output_bytes)
     status = bytearray()
     reason = _pump(process, stdout, stderr, status, status_read, deadline=started + timeout_s)
@@ -240,7 +248,7 @@ def _supervise(
 
 
 def _pump(
-    process: subprocess.Popen[bytes],
+    process: Popen,
     stdout: _Capture,
     stderr: _Capture,
     status: bytearray,
@@ -295,18 +303,14 @@ def _read_remaining(fd: int, into: bytearray) -> None:
         pass
 
 
-def _kill_sandbox(process: subprocess.Popen[bytes], status: bytearray) -> None:
+def _kill_sandbox(process: Popen, status: bytearray) -> None:
     """SIGKILL the sandbox's PID 1 (the kernel then kills everything in its PID namespace) and bwrap itself."""
     child_pid, _ = _parse_status(bytes(status))
     if child_pid is not None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     # bwrap waits for its PID 1, whose exit waits until every process in the namespace is gone.
     process.wait()
 
@@ -363,13 +367,6 @@ def _memory_file(data: bytes, name: str) -> int:
         view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _find_tool(configured: str | None, name: str, hint: str) -> str:

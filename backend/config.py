@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def resolved_database_url(self) -> str:
+        """The database URL (the SQLite default already filled in)."""
+        return self.database_url
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """The broker URL (the embedded default already filled in)."""
+        return self.broker_url
+
+    @property
     def files_dir(self) -> Path:
         """Where uploads and result files live."""
         return self.data_dir / "files"

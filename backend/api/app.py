@@ -1,0 +1,71 @@
+"""The FastAPI application factory and the `safetrain api` server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.orm import sessionmaker
+from starlette.responses import Response
+
+from backend.api.errors import install_error_handlers
+from backend.api.metrics import Metrics, MetricsMiddleware
+from backend.api.routes import estimate, files, health, jobs, models
+from backend.config import Settings, get_settings
+from backend.db.session import get_session_factory, make_engine
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app; with explicit `settings` it gets its own engine for their database, else the process's."""
+    if settings is None:
+        settings = get_settings()
+        session_factory = get_session_factory()
+        own_engine = None
+    else:
+        own_engine = make_engine(settings.database_url)
+        session_factory = sessionmaker(bind=own_engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if own_engine is not None:
+            own_engine.dispose()
+
+    app = FastAPI(
+        title="safetrain",
+        version="0.1.0",
+        description="Self-hosted, OpenAI-compatible fine-tuning that does not run out of memory.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.metrics = Metrics(session_factory)
+    install_error_handlers(app)
+    for router in (files.router, jobs.router, estimate.router, models.router, health.router):
+        app.include_router(router)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=True)
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials=False,
+            expose_headers=["*"],
+        )
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the API under uvicorn (`safetrain api`)."""
+    import uvicorn
+
+    uvicorn.run("backend.api.app:create_app", factory=True, host=host, port=port, proxy_headers=True, log_level="info")

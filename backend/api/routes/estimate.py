@@ -1,0 +1,27 @@
+"""POST /v1/fine_tuning/estimate: the memory plan of a job before anything loads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from backend.api.deps import ProjectDep, SettingsDep
+from backend.api.schemas import EstimateRequest
+from backend.services.estimates import estimate_job
+
+router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning jobs"])
+
+
+@router.post("/estimate", summary="Plan a job's peak memory and the cheapest settings that fit")
+def estimate(body: EstimateRequest, settings: SettingsDep, project: ProjectDep) -> dict[str, Any]:
+    """`{fits, estimate_bytes, budget_bytes, breakdown, recommendation}` from the model's config alone."""
+    return estimate_job(
+        settings=settings,
+        model=body.model,
+        hyperparameters=body.hyperparameters,
+        method=body.method,
+        training=body.training,
+        seed=body.seed,
+        budget_bytes=body.budget_bytes,
+    )

@@ -1,0 +1,97 @@
+"""/v1/files: upload (streamed, validated), list, retrieve, content, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from backend.api.deps import ProjectDep, SessionDep, SettingsDep
+from backend.api.multipart import read_form
+from backend.api.schemas import FileDeleted, FileObject, ListResponse, list_response
+from backend.services import files as file_service
+from backend.services.errors import InvalidRequest, NotFound, TooLarge
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+# Room for the multipart framing around the file part when judging Content-Length up front.
+_FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+@router.post("", response_model=FileObject, summary="Upload a JSONL dataset (multipart: file, purpose)")
+async def upload_file(request: Request, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> FileObject:
+    """Stream the file to disk, hashing and validating each line; nothing is kept if it is refused."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > settings.max_upload_bytes + _FORM_OVERHEAD_BYTES:
+        raise TooLarge(f"The file is larger than the limit of {settings.max_upload_bytes} bytes.")
+    pending = await run_in_threadpool(file_service.start_upload, session=session, settings=settings, project=project)
+
+    async def write(chunk: bytes) -> None:
+        await run_in_threadpool(pending.write, chunk)
+
+    try:
+        form = await read_form(
+            request.stream(),
+            content_type=request.headers.get("content-type"),
+            file_field="file",
+            open_file=lambda: write,
+        )
+        if not form.file_seen:
+            raise InvalidRequest("The form has no `file` part.", param="file")
+        row = await run_in_threadpool(
+            file_service.finish_upload,
+            session=session,
+            pending=pending,
+            filename=form.filename,
+            purpose=form.fields.get("purpose"),
+        )
+        await run_in_threadpool(session.commit)
+    except BaseException:
+        pending.abort()
+        if pending.done and (settings.data_dir / pending.relative_path).exists():
+            (settings.data_dir / pending.relative_path).unlink(missing_ok=True)
+        raise
+    return FileObject.of(row)
+
+
+@router.get("", response_model=ListResponse[FileObject], summary="List the project's files")
+def list_files(
+    session: SessionDep,
+    project: ProjectDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict[str, object]:
+    """Files, newest first by default; continue with `after=<last_id>`."""
+    page = file_service.list_files(
+        session=session, project=project, purpose=purpose, after=after, limit=limit, order=order
+    )
+    return list_response([FileObject.of(row) for row in page.rows], has_more=page.has_more)
+
+
+@router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")
+def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileObject:
+    """One file of the project."""
+    return FileObject.of(file_service.get_file(session=session, project=project, file_id=file_id))
+
+
+@router.get("/{file_id}/content", summary="Download a file's bytes", response_class=FileResponse)
+def file_content(file_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> FileResponse:
+    """The stored bytes, streamed from disk (datasets and adapter archives alike)."""
+    row = file_service.get_file(session=session, project=project, file_id=file_id)
+    path = file_service.file_path(settings=settings, row=row)
+    if not path.is_file():
+        raise NotFound(f"The content of file {file_id} is no longer stored.", param="file_id")
+    media_type = "application/zip" if row.filename.endswith(".zip") else "application/octet-stream"
+    return FileResponse(path, media_type=media_type, filename=row.filename)
+
+
+@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
+def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> FileDeleted:
+    """Delete a file and its bytes; refused while an unfinished job uses it."""
+    file_service.delete_file(session=session, settings=settings, project=project, file_id=file_id)
+    session.commit()
+    return FileDeleted(id=file_id, deleted=True)

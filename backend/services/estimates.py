@@ -1,0 +1,47 @@
+"""Memory estimates for a job request, from the model's config alone (nothing is loaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backend.config import Settings
+from backend.services.base_models import resolve_base_model
+from backend.services.errors import InvalidRequest
+from backend.services.training_request import resolve_training
+
+
+def default_budget_bytes() -> int:
+    """The free memory of the roomiest visible GPU, or the machine's available memory without one."""
+    from backend.workers.gpu import cpu_device, list_gpus
+
+    gpus = list_gpus()
+    return max(gpu.free_bytes for gpu in gpus) if gpus else cpu_device().free_bytes
+
+
+def estimate_job(
+    *,
+    settings: Settings,
+    model: str,
+    hyperparameters: Any = None,
+    method: Any = None,
+    training: Any = None,
+    seed: Any = None,
+    budget_bytes: int | None = None,
+) -> dict[str, Any]:
+    """The plan as a dict: fits, estimate_bytes, budget_bytes, breakdown, recommendation."""
+    from backend.training.memory import load_model_config, plan_memory
+
+    ref = resolve_base_model(model, settings=settings)
+    if ref.path is None:
+        raise InvalidRequest(
+            "Estimates need a local base model folder (Hub ids are planned by the worker).", param="model"
+        )
+    resolved = resolve_training(hyperparameters=hyperparameters, method=method, training=training, seed=seed)
+    options = resolved.options.model_copy(update={"model": str(ref.path)})
+    config = load_model_config(ref.path)
+    plan = plan_memory(options, config, budget_bytes=budget_bytes or default_budget_bytes())
+    answer: dict[str, Any] = plan.to_dict()
+    answer.setdefault("object", "fine_tuning.estimate")
+    answer["model"] = ref.name
+    answer["training"] = resolved.training
+    return answer

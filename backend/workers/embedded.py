@@ -98,30 +98,42 @@ def ensure_demo_model(models_dir: Path) -> Path:
 
 
 def banner(*, host: str, port: int, key: str | None, data_dir: Path, models_dir: Path) -> str:
-    """What `safetrain up` prints once the API answers: the URL, the key and a first request."""
+    """What `safetrain up` prints once the API answers: the URL, the key and a first session with curl."""
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
     models = _model_names(models_dir)
     models_line = ", ".join(models) if models else f"none yet (safetrain models make-tiny {models_dir / DEMO_MODEL})"
-    key_line = (
-        f"API key (project '{DEFAULT_PROJECT}', shown once; keep it): {key}"
+    key_lines = (
+        [f"API key of project '{DEFAULT_PROJECT}' (shown once, keep it): {key}", f"  export SAFETRAIN_API_KEY={key}"]
         if key
-        else f"The key of project '{DEFAULT_PROJECT}' was printed on the first start."
+        else [f"The key of project '{DEFAULT_PROJECT}' was printed on the first start; set SAFETRAIN_API_KEY to it."]
     )
-    shown_key = key or "$SAFETRAIN_API_KEY"
+    auth = '-H "Authorization: Bearer $SAFETRAIN_API_KEY"'
+    first_model = models[0] if models else DEMO_MODEL
     return "\n".join(
         [
             "",
             f"safetrain is running at {url}/v1   (OpenAPI: {url}/docs)",
-            key_line,
-            f"Another key: safetrain keys create --project NAME   (data: {data_dir}, models: {models_dir})",
-            f"Base models: {models_line}",
+            *key_lines,
+            "Another key: safetrain keys create --project NAME",
+            f"Data: {data_dir}   Base models ({models_dir}): {models_line}",
             "Try it:",
-            f"  curl -s {url}/v1/models -H 'Authorization: Bearer {shown_key}'",
+            f"  curl -s {url}/v1/files {auth} -F purpose=fine-tune -F file=@{_example_dataset()}",
+            f"  curl -s {url}/v1/fine_tuning/jobs {auth} -H 'Content-Type: application/json' \\",
+            f"       -d '{{\"model\": \"{first_model}\", \"training_file\": \"<the file id>\"}}'",
+            f"  curl -s {url}/v1/fine_tuning/jobs/<the job id>/events {auth}",
+            f"Python: OpenAI(base_url=\"{url}/v1\", api_key=os.environ[\"SAFETRAIN_API_KEY\"])",
             "Stop with Ctrl-C.",
             "",
         ]
     )
+
+
+def _example_dataset() -> Path:
+    """The trainer's built-in prompt/completion dataset: a file a newcomer can upload at once."""
+    import backend.training
+
+    return Path(backend.training.__file__).resolve().parent / "builtin_dataset.jsonl"
 
 
 def _model_names(models_dir: Path) -> list[str]:

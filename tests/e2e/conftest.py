@@ -226,7 +226,7 @@ def start_embedded(tmp: Path, data_dir: Path | None = None) -> Stack:
         return text if "Stop with Ctrl-C." in text else None
 
     text = wait_for(banner, START_TIMEOUT, "the banner of safetrain up")
-    found = re.search(r"API key \(project 'default'.*\): (\S+)", text)
+    found = re.search(r"API key of project 'default' \(shown once, keep it\): (\S+)", text)
     stack.printed_key = found[1] if found else None
     return stack
 

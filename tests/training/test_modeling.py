@@ -92,6 +92,14 @@ def test_pickle_only_folder_is_refused_before_loading(tiny_models, tmp_path):
         load_model_and_tokenizer(TrainingOptions(model=str(folder)))
 
 
+def test_pickle_file_beside_safetensors_is_never_read(tiny_models, tmp_path):
+    folder = _copy_model(tiny_models["gpt2"], tmp_path / "both")
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle: reading this file would fail")
+    model, _ = load_model_and_tokenizer(TrainingOptions(model=str(folder)))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, reference.transformer.h[0].attn.c_attn.weight)
+
+
 def test_auto_map_is_refused_without_trust_remote_code(tiny_models, tmp_path):
     folder = _copy_model(tiny_models["gpt2"], tmp_path / "remote")
     config = json.loads((folder / "config.json").read_text())

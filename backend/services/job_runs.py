@@ -1,0 +1,295 @@
+"""The worker's SQL writes for one job attempt, every one fenced by (job_id, attempt).
+
+A worker claims a queued job with a conditional UPDATE that raises `attempt`; from then on each write
+it makes first updates the job row under the fence `id = :job_id AND attempt = :attempt AND status IN
+(validating_files, running)`. When the reconciler has requeued the job (its heartbeat expired) or
+another worker has claimed it since, the fence matches no row and the write raises StaleAttemptError:
+a stale attempt can never overwrite the live one. The fenced UPDATE comes first in each transaction so
+the row lock (PostgreSQL) or the write lock (SQLite) is held before anything dependent is inserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, select, update
+from sqlalchemy.orm import Session
+
+from backend.db.models import Artifact, Checkpoint, File, Job, JobEvent, Project, TelemetrySample, now
+
+ACTIVE_RUN_STATUSES = ("validating_files", "running")
+RESULT_FILE_PURPOSE = "fine-tune-results"
+
+
+class StaleAttemptError(RuntimeError):
+    """A write from an attempt that no longer owns the job (requeued, reclaimed, finished or deleted)."""
+
+    def __init__(self, job_id: str, attempt: int) -> None:
+        super().__init__(f"job {job_id}: attempt {attempt} no longer owns the job; write refused")
+        self.job_id = job_id
+        self.attempt = attempt
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a successful claim hands the worker."""
+
+    job_id: str
+    attempt: int
+    requested_action: str | None
+
+
+def _fence(job_id: str, attempt: int) -> ColumnElement[bool]:
+    return and_(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE_RUN_STATUSES))
+
+
+def _fenced_update(session: Session, job_id: str, attempt: int, **values: Any) -> str | None:
+    """Update the job row under the fence; return its requested_action, or raise StaleAttemptError."""
+    values.setdefault("heartbeat_at", now())
+    statement = (
+        update(Job)
+        .where(_fence(job_id, attempt))
+        .values(**values)
+        .returning(Job.requested_action)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(statement).first()
+    if row is None:
+        raise StaleAttemptError(job_id, attempt)
+    return row[0]
+
+
+def claim_job(*, session: Session, job_id: str, worker: str) -> ClaimedJob | None:
+    """Take a queued job for this worker as its next attempt; None when it is gone, finished or taken."""
+    timestamp = now()
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="validating_files",
+            attempt=Job.attempt + 1,
+            worker=worker,
+            heartbeat_at=timestamp,
+            started_at=func.coalesce(Job.started_at, timestamp),
+            error=None,
+        )
+        .returning(Job.attempt, Job.requested_action)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(statement).first()
+    if row is None:
+        return None
+    return ClaimedJob(job_id=job_id, attempt=int(row[0]), requested_action=row[1])
+
+
+def heartbeat(*, session: Session, job_id: str, attempt: int) -> str | None:
+    """Mark the attempt alive; return the job's requested_action (`cancel`, `pause` or None)."""
+    return _fenced_update(session, job_id, attempt)
+
+
+def mark_running(
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    training: dict[str, Any],
+    memory_estimate_bytes: int | None,
+    memory_budget_bytes: int | None,
+    memory_device: str,
+    total_steps: int | None = None,
+) -> str | None:
+    """validating_files → running with the resolved options and memory plan; return requested_action."""
+    return _fenced_update(
+        session,
+        job_id,
+        attempt,
+        status="running",
+        training=training,
+        memory_estimate_bytes=memory_estimate_bytes,
+        memory_budget_bytes=memory_budget_bytes,
+        memory_device=memory_device,
+        progress_total_steps=total_steps,
+    )
+
+
+def append_event(
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    message: str,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> str | None:
+    """Add one job event; return the job's requested_action."""
+    action = _fenced_update(session, job_id, attempt)
+    session.add(JobEvent(job_id=job_id, attempt=attempt, level=level, type=type, message=message, data=data))
+    session.flush()
+    return action
+
+
+def record_checkpoint(
+    *, session: Session, job_id: str, attempt: int, step_number: int, path: str, metrics: dict[str, Any] | None
+) -> str:
+    """Add a checkpoints row for a complete checkpoint folder; return its id."""
+    _fenced_update(session, job_id, attempt)
+    checkpoint = Checkpoint(job_id=job_id, attempt=attempt, step_number=step_number, path=path, metrics=metrics)
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint.id
+
+
+def record_telemetry(
+    *, session: Session, job_id: str, attempt: int, step: int | None, sample: dict[str, Any], peak_bytes: int | None
+) -> None:
+    """Add one memory sample and raise the job's recorded peak when this sample is higher."""
+    values: dict[str, Any] = {}
+    if peak_bytes is not None:
+        values["memory_peak_bytes"] = _greatest(Job.memory_peak_bytes, peak_bytes)
+    _fenced_update(session, job_id, attempt, **values)
+    session.add(TelemetrySample(job_id=job_id, attempt=attempt, step=step, sample=sample))
+    session.flush()
+
+
+def record_progress(
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    step: int,
+    total_steps: int | None,
+    epoch: float | None,
+    peak_bytes: int | None = None,
+    estimated_finish: int | None = None,
+) -> str | None:
+    """Store the step, total steps, epoch, peak memory and estimated finish; return requested_action."""
+    values: dict[str, Any] = {"progress_step": step, "progress_epoch": epoch, "estimated_finish": estimated_finish}
+    if total_steps is not None:
+        values["progress_total_steps"] = total_steps
+    if peak_bytes is not None:
+        values["memory_peak_bytes"] = _greatest(Job.memory_peak_bytes, peak_bytes)
+    return _fenced_update(session, job_id, attempt, **values)
+
+
+def _greatest(column: Any, value: int) -> ColumnElement[Any]:
+    """max(column, value) in SQL on both SQLite and PostgreSQL, treating NULL as 0."""
+    return case((func.coalesce(column, 0) >= value, func.coalesce(column, 0)), else_=value)
+
+
+def store_result_file(
+    *, session: Session, job_id: str, attempt: int, path: str, sha256: str, size: int, filename: str
+) -> str:
+    """Record the adapter archive (already on disk at `path`, relative to data_dir) as a result file."""
+    _fenced_update(session, job_id, attempt)
+    project_id = session.scalar(select(Job.project_id).where(Job.id == job_id))
+    result = File(
+        project_id=project_id,
+        filename=filename,
+        purpose=RESULT_FILE_PURPOSE,
+        bytes=size,
+        sha256=sha256,
+        path=path,
+        status="processed",
+    )
+    session.add(result)
+    session.flush()
+    session.add(Artifact(job_id=job_id, file_id=result.id, kind="adapter", path=path, sha256=sha256, bytes=size))
+    session.flush()
+    return result.id
+
+
+def finish(
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    status: str,
+    error: dict[str, Any] | None = None,
+    fine_tuned_model: str | None = None,
+    result_files: list[str] | None = None,
+    trained_tokens: int | None = None,
+) -> None:
+    """Record the attempt's outcome: succeeded, failed, cancelled or paused (paused keeps the job resumable)."""
+    values: dict[str, Any] = {"status": status, "error": error, "requested_action": None, "worker": None}
+    if status != "paused":
+        values["finished_at"] = now()
+        values["estimated_finish"] = None
+    if fine_tuned_model is not None:
+        values["fine_tuned_model"] = fine_tuned_model
+    if result_files is not None:
+        values["result_files"] = result_files
+    if trained_tokens is not None:
+        values["trained_tokens"] = trained_tokens
+    _fenced_update(session, job_id, attempt, **values)
+
+
+def requeue(*, session: Session, job_id: str, attempt: int) -> None:
+    """Give the job back to the queue as its next attempt (after a trainer crash below the retry cap)."""
+    _fenced_update(session, job_id, attempt, status="queued", worker=None)
+
+
+def job_context(*, session: Session, job_id: str) -> tuple[Job, Project] | None:
+    """The job and its project, or None when the job is gone."""
+    query = select(Job, Project).join(Project, Project.id == Job.project_id).where(Job.id == job_id)
+    row = session.execute(query).first()
+    return None if row is None else (row[0], row[1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reconciler's writes: each conditional, so any number of reconcilers may run at once.
+
+
+def expired_attempts(*, session: Session, cutoff: int) -> list[tuple[str, int, str | None]]:
+    """(job_id, attempt, requested_action) of claimed jobs whose last heartbeat is older than `cutoff`."""
+    rows = session.execute(
+        select(Job.id, Job.attempt, Job.requested_action).where(
+            Job.status.in_(ACTIVE_RUN_STATUSES), func.coalesce(Job.heartbeat_at, 0) < cutoff
+        )
+    ).all()
+    return [(row[0], int(row[1]), row[2]) for row in rows]
+
+
+def expire_attempt(
+    *, session: Session, job_id: str, attempt: int, cutoff: int, status: str, error: dict[str, Any] | None = None
+) -> bool:
+    """Move an attempt whose heartbeat stopped to `status` (queued, failed, cancelled or paused); False if it lived."""
+    timestamp = now()
+    values: dict[str, Any] = {"status": status, "worker": None, "heartbeat_at": timestamp, "error": error}
+    if status in ("failed", "cancelled"):
+        values.update(finished_at=timestamp, requested_action=None, estimated_finish=None)
+    elif status == "paused":
+        values["requested_action"] = None
+    statement = (
+        update(Job)
+        .where(_fence(job_id, attempt), func.coalesce(Job.heartbeat_at, 0) < cutoff)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+
+
+def unclaimed_queued_jobs(*, session: Session, cutoff: int, limit: int = 100) -> list[str]:
+    """Queued jobs whose doorbell (creation, requeue or last re-send) rang before `cutoff`, oldest first."""
+    rang_at = func.coalesce(Job.heartbeat_at, Job.created_at)
+    return list(
+        session.scalars(select(Job.id).where(Job.status == "queued", rang_at < cutoff).order_by(Job.seq).limit(limit))
+    )
+
+
+def count_queued_jobs(*, session: Session) -> int:
+    """How many jobs wait in `queued`."""
+    return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0)
+
+
+def ring_again(*, session: Session, job_id: str, cutoff: int) -> bool:
+    """Note that a queued job's message is sent again now; False when another reconciler just did."""
+    rang_at = func.coalesce(Job.heartbeat_at, Job.created_at)
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued", rang_at < cutoff)
+        .values(heartbeat_at=now())
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]

@@ -1,0 +1,54 @@
+"""Ring the workers' doorbell: send `safetrain.run_job` with only the job id, after the job row is committed."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from backend.config import get_settings
+from backend.workers.celery_app import QUEUE, TASK_NAME, celery_config
+
+logger = logging.getLogger(__name__)
+
+# A send that cannot reach the broker gives up quickly: the job is already in SQL, and the reconciler
+# sends its message again once it has waited unclaimed for a while.
+_PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
+@lru_cache(maxsize=4)
+def _sender(broker_url: str) -> Celery:
+    """A producer-only Celery app for `broker_url` (connections pooled, no task modules imported)."""
+    sender = Celery("safetrain-dispatch", set_as_current=False)
+    config: dict[str, Any] = celery_config(get_settings())
+    config.update(broker_url=broker_url, broker_connection_timeout=2.0)
+    sender.conf.update(config)
+    return sender
+
+
+def enqueue_job(job_id: str) -> None:
+    """Send the task for `job_id`; a broker that is down is logged, not raised (the reconciler re-sends)."""
+    sender = _sender(get_settings().resolved_broker_url)
+    try:
+        sender.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=True, retry_policy=_PUBLISH_RETRY)
+    except Exception:
+        logger.exception("could not send job %s to the broker; the reconciler will send it again", job_id)
+
+
+def send_or_raise(job_id: str) -> None:
+    """Send the task for `job_id`, raising when the broker cannot be reached (the reconciler's path)."""
+    sender = _sender(get_settings().resolved_broker_url)
+    sender.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=True, retry_policy=_PUBLISH_RETRY)
+
+
+def queue_depth() -> int | None:
+    """Messages waiting in the job queue, or None when the broker cannot say."""
+    sender = _sender(get_settings().resolved_broker_url)
+    try:
+        with sender.connection_for_write() as connection:
+            declared = connection.default_channel.queue_declare(queue=QUEUE, passive=True)
+            return int(declared.message_count)
+    except Exception:
+        return None

@@ -1,0 +1,164 @@
+"""Record how an attempt ended: succeeded (with the adapter archive), failed, cancelled, paused or retried."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backend.config import Settings
+from backend.services import job_runs
+from backend.services.storage import hash_file
+from backend.training.events import EXIT_STOPPED
+from backend.training.manifest import MANIFEST_FILENAME
+from backend.workers.recorder import AttemptRecorder, keep_alive
+from backend.workers.runner import TrainerOutcome
+
+logger = logging.getLogger(__name__)
+
+# What the output folder holds besides the adapter: never part of the archive.
+_NOT_ARCHIVED = ("telemetry.jsonl",)
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """What the outcome needs to know about the job besides its attempt."""
+
+    job_id: str
+    model: str
+    suffix: str | None
+    project_name: str
+
+
+def fine_tuned_model_name(identity: JobIdentity) -> str:
+    """`ft:<base>:<suffix or project name>:<job id>`."""
+    return f"ft:{identity.model}:{identity.suffix or identity.project_name}:{identity.job_id}"
+
+
+def archive_adapter(adapter_dir: Path, destination: Path, *, extra_manifest: dict[str, Any]) -> None:
+    """Zip the adapter folder's files (adapter, tokenizer, safetrain.json) to `destination`, whole or not at all."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f".{destination.name}.part")
+    manifest_path = adapter_dir / MANIFEST_FILENAME
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    manifest.update(extra_manifest)
+    try:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(adapter_dir.iterdir()):
+                if not path.is_file() or path.name.startswith(".") or path.name in (*_NOT_ARCHIVED, MANIFEST_FILENAME):
+                    continue
+                # safetensors do not compress: store them and spare the CPU.
+                method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                archive.write(path, arcname=path.name, compress_type=method)
+            archive.writestr(MANIFEST_FILENAME, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "param": None}
+
+
+def _exit_description(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class OutcomeRecorder:
+    """Turns a TrainerOutcome into the job's final (or next) state, fenced by the attempt."""
+
+    def __init__(self, identity: JobIdentity, recorder: AttemptRecorder, settings: Settings) -> None:
+        self.identity = identity
+        self.recorder = recorder
+        self.settings = settings
+
+    def _finish(self, status: str, **values: Any) -> None:
+        self.recorder.write(
+            lambda s: job_runs.finish(
+                session=s, job_id=self.identity.job_id, attempt=self.recorder.attempt, status=status, **values
+            )
+        )
+
+    def record(self, outcome: TrainerOutcome) -> str:
+        """Write the outcome; return the status the job was left in ('requeued' when retried)."""
+        result = outcome.result or {}
+        if outcome.stop_reason == "stale":
+            return "stale"
+        if outcome.stop_reason == "cancel":
+            self.recorder.message("Job cancelled: the trainer stopped and its device is free")
+            self._finish("cancelled")
+            return "cancelled"
+        if outcome.stop_reason == "pause" and result.get("status") != "succeeded":
+            if outcome.returncode == EXIT_STOPPED:
+                self.recorder.message(f"Job paused at step {result.get('steps', 0)}: resume continues from there")
+            else:
+                self.recorder.message("Job paused: resume continues from the last complete checkpoint", level="warn")
+            self._finish("paused")
+            return "paused"
+        if result.get("status") == "succeeded":
+            with keep_alive(self.recorder, self.settings.heartbeat_seconds):
+                return self.succeed(result)
+        if result.get("status") == "failed":
+            message = result.get("error_message") or "The trainer failed."
+            self._finish("failed", error=_error(result.get("error_code") or "error", message))
+            return "failed"
+        return self.crashed(outcome)
+
+    def succeed(self, result: dict[str, Any]) -> str:
+        """Archive and store the adapter, then mark the job succeeded."""
+        identity, attempt = self.identity, self.recorder.attempt
+        relative = Path("artifacts") / identity.job_id / f"adapter-attempt-{attempt}.zip"
+        destination = self.settings.data_dir / relative
+        extra = {"job_id": identity.job_id, "fine_tuned_model": fine_tuned_model_name(identity),
+                 "base_model_name": identity.model}
+        try:
+            archive_adapter(Path(result.get("adapter_dir") or result["output_dir"]), destination, extra_manifest=extra)
+            sha256, size = hash_file(destination)
+        except OSError as error:
+            destination.unlink(missing_ok=True)
+            self._finish("failed", error=_error("artifact_store_error", f"Could not store the adapter: {error}"))
+            return "failed"
+        filename = f"{identity.job_id}-adapter.zip"
+        file_id = self.recorder.write(
+            lambda s: job_runs.store_result_file(
+                session=s, job_id=identity.job_id, attempt=attempt, path=str(relative), sha256=sha256, size=size,
+                filename=filename,
+            )
+        )
+        self.recorder.message(f"Adapter stored as {file_id} ({size} bytes)", data={"file_id": file_id})
+        self._finish(
+            "succeeded", fine_tuned_model=fine_tuned_model_name(identity), result_files=[file_id],
+            trained_tokens=int(result.get("trained_tokens") or 0),
+        )
+        return "succeeded"
+
+    def crashed(self, outcome: TrainerOutcome) -> str:
+        """A trainer that died without a result: retry as the next attempt, or fail at the cap."""
+        how = _exit_description(outcome.returncode)
+        tail = outcome.log_tail()[-600:]
+        attempt, cap = self.recorder.attempt, self.settings.max_attempts
+        if attempt < cap:
+            self.recorder.message(f"The trainer crashed ({how}) on attempt {attempt}; retrying from the last "
+                                  "complete checkpoint", level="warn", data={"log_tail": tail})
+            self.recorder.write(
+                lambda s: job_runs.requeue(session=s, job_id=self.identity.job_id, attempt=attempt)
+            )
+            return "requeued"
+        message = f"The trainer crashed on attempt {attempt} of {cap} ({how}); giving up."
+        if tail:
+            message += f" Last output: {tail}"
+        self._finish("failed", error=_error("trainer_crashed", message))
+        return "failed"

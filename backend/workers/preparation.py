@@ -1,0 +1,170 @@
+"""Before a trainer starts (status validating_files): check the files, resolve the options, plan the memory.
+
+Checks run cheapest first, and a refusal is a JobRefused carrying the OpenAI error code:
+the dataset's format and example count (`invalid_training_file`, `invalid_n_examples`), the base model
+folder (`model_not_found`), the memory plan against the roomiest device from the model's config alone
+(`out_of_memory`, with the recommendation), then the token lengths against max_seq_length (a warning:
+the trainer truncates). Nothing here loads weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from backend.config import Settings
+from backend.db.models import File, Job
+from backend.training.datasets import DatasetError, load_examples, token_length_stats, validate_file
+from backend.training.memory import apply_safe_defaults, load_model_config, plan_memory
+from backend.training.options import API_TRAINING_FIELDS, TrainingOptions
+from backend.workers.gpu import Device, candidate_devices
+
+MIN_TRAINING_EXAMPLES = 1
+TOKEN_STATS_MAX_EXAMPLES = 2000  # enough to warn about truncation without tokenizing a huge file twice
+
+
+class JobRefused(Exception):
+    """The job cannot run as asked: `code`, `message` and `param` become the job's error."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+    def as_error(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param}
+
+
+@dataclass
+class PreparedRun:
+    """Everything the trainer child needs, and what the job row shows before it starts."""
+
+    options: TrainingOptions
+    plan: dict[str, Any]
+    estimate_bytes: int
+    devices: list[Device]
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The resolved options as the job's `training` object shows them (no server paths)."""
+        shown = self.options.model_dump(mode="json", include=set(API_TRAINING_FIELDS))
+        shown["learning_rate"] = self.options.resolved_learning_rate
+        return shown
+
+
+def dataset_path(file_row: File | None, settings: Settings, param: str) -> Path:
+    """The stored dataset on disk; JobRefused when the row or the file is gone."""
+    if file_row is None:
+        raise JobRefused(f"invalid_{param}", f"The {param.replace('_', ' ')} no longer exists.", param)
+    path = (settings.data_dir / file_row.path).resolve()
+    if not path.is_file():
+        raise JobRefused(f"invalid_{param}", f"The {param.replace('_', ' ')} {file_row.id} is missing on disk.", param)
+    return path
+
+
+def check_dataset(path: Path, settings: Settings, param: str, file_id: str) -> int:
+    """Validate the JSONL line by line; return its example count."""
+    try:
+        summary = validate_file(path, max_line_bytes=settings.max_line_bytes)
+    except DatasetError as error:
+        raise JobRefused(f"invalid_{param}", f"File {file_id}: {error}", param) from None
+    if summary.n_examples < MIN_TRAINING_EXAMPLES:
+        raise JobRefused(
+            "invalid_n_examples",
+            f"File {file_id} has {summary.n_examples} examples; at least {MIN_TRAINING_EXAMPLES} are needed.",
+            param,
+        )
+    return summary.n_examples
+
+
+def model_folder(job: Job, settings: Settings) -> Path:
+    """The base model's folder under models_dir (the API checked the name; this checks it is still there)."""
+    root = settings.models_dir.resolve()
+    folder = (root / job.model).resolve()
+    if folder.parent != root or not (folder / "config.json").is_file():
+        raise JobRefused("model_not_found", f"The base model {job.model!r} is not in the models directory.", "model")
+    return folder
+
+
+def build_options(job: Job, *, model_dir: Path, train_path: Path, validation_path: Path | None, work_dir: Path
+                  ) -> TrainingOptions:
+    """The trainer's options: the job's API fields, plus the paths only the worker decides."""
+    fields = {key: value for key, value in (job.training or {}).items() if key in API_TRAINING_FIELDS}
+    fields.setdefault("use_lora", True)
+    fields.setdefault("seed", job.seed)
+    try:
+        return TrainingOptions(
+            **fields,
+            model=str(model_dir),
+            data=str(train_path),
+            validation_data=str(validation_path) if validation_path else None,
+            output_dir=str(work_dir),
+            resume_from_checkpoint="latest",  # a fresh folder starts at step 0; a resumed job continues
+        )
+    except ValidationError as error:
+        raise JobRefused("invalid_options", f"The training options are invalid: {error.errors()[0]['msg']}",
+                         "training") from None
+
+
+def plan_for_devices(options: TrainingOptions, model_dir: Path, devices: list[Device]) -> tuple[TrainingOptions, Any,
+                                                                                               list[str]]:
+    """Safe defaults and the memory plan against the roomiest device; out_of_memory when even that cannot fit."""
+    budget = max(device.free_bytes for device in devices)
+    config = load_model_config(str(model_dir))
+    options, notes = apply_safe_defaults(options, config, budget_bytes=budget)
+    plan = plan_memory(options, config, budget_bytes=budget)
+    if not plan.fits:
+        where = devices[0].label if len(devices) == 1 else f"any of {len(devices)} GPUs"
+        raise JobRefused(
+            "out_of_memory",
+            f"The memory plan needs {plan.estimate_bytes / 2**30:.2f} GiB but {where} has "
+            f"{budget / 2**30:.2f} GiB free, even with the safe defaults applied. Recommendation: "
+            f"{plan.recommendation}",
+            "training",
+        )
+    return options, plan, list(notes)
+
+
+def token_warnings(options: TrainingOptions, train_path: Path, settings: Settings) -> list[str]:
+    """Warnings about examples longer than max_seq_length (the trainer truncates them)."""
+    from backend.training.modeling import load_tokenizer
+
+    fmt, examples = load_examples(train_path, max_line_bytes=settings.max_line_bytes)
+    tokenizer = load_tokenizer(options.model)
+    stats = token_length_stats(
+        examples[:TOKEN_STATS_MAX_EXAMPLES], fmt, tokenizer, max_seq_length=options.max_seq_length
+    )
+    if not stats["n_truncated"]:
+        return []
+    return [
+        f"{stats['n_truncated']} of {stats['n_examples']} examples are longer than max_seq_length="
+        f"{options.max_seq_length} tokens (longest {stats['max_tokens']}); they will be truncated."
+    ]
+
+
+def prepare_run(job: Job, training_file: File | None, validation_file: File | None, settings: Settings
+                ) -> PreparedRun:
+    """Validate the job's inputs and plan its memory; JobRefused says why it cannot run."""
+    train_path = dataset_path(training_file, settings, "training_file")
+    check_dataset(train_path, settings, "training_file", job.training_file_id)
+    validation_path = None
+    if job.validation_file_id:
+        validation_path = dataset_path(validation_file, settings, "validation_file")
+        check_dataset(validation_path, settings, "validation_file", job.validation_file_id)
+    model_dir = model_folder(job, settings)
+    options = build_options(
+        job, model_dir=model_dir, train_path=train_path, validation_path=validation_path,
+        work_dir=settings.job_dir(job.id).resolve(),
+    )
+    devices = candidate_devices()
+    options, plan, notes = plan_for_devices(options, model_dir, devices)
+    return PreparedRun(
+        options=options, plan=plan.to_dict(), estimate_bytes=int(plan.estimate_bytes), devices=devices,
+        warnings=token_warnings(options, train_path, settings), notes=notes,
+    )

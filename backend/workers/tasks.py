@@ -1,0 +1,35 @@
+"""The one Celery task: claim the job in SQL, validate and plan, run the trainer child, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from backend.config import get_settings
+from backend.db.session import session_scope
+from backend.services import job_runs
+from backend.services.job_runs import StaleAttemptError
+from backend.workers.attempt import run_attempt
+from backend.workers.celery_app import TASK_NAME, app
+from backend.workers.recorder import AttemptRecorder
+
+logger = logging.getLogger(__name__)
+
+
+@app.task(name=TASK_NAME, ignore_result=True)
+def run_job(job_id: str) -> None:
+    """Run one attempt of fine-tuning job `job_id` (the message carries nothing else)."""
+    settings = get_settings()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    with session_scope() as session:
+        claimed = job_runs.claim_job(session=session, job_id=job_id, worker=worker)
+    if claimed is None:
+        logger.info("job %s: gone, finished or claimed by another worker; nothing to do", job_id)
+        return
+    recorder = AttemptRecorder(job_id, claimed.attempt, data_dir=settings.data_dir,
+                               retry_seconds=settings.heartbeat_expiry_seconds)
+    try:
+        run_attempt(recorder, settings, worker)
+    except StaleAttemptError:
+        logger.warning("job %s attempt %s went stale; its writes are refused", job_id, claimed.attempt)

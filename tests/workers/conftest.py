@@ -1,0 +1,228 @@
+"""Live workers for the worker tests: a real `celery worker` process on the real Redis, real databases.
+
+`stack` (indirect-parametrized by "postgresql" or "sqlite", one per session each) is a migrated database
+(a fresh PostgreSQL schema in db `test`, or a SQLite file), a data folder, a models folder with the tiny
+model, Redis db 14 flushed for this run, and a Celery worker subprocess (`celery -A
+backend.workers.celery_app worker`) with short heartbeats. This process's settings and engine point at
+the same database and broker, so the api helper's services create and enqueue jobs exactly as the API does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis
+from sqlalchemy import Engine, select, text
+
+from backend.config import Settings, get_settings
+from backend.db.migrations import upgrade_to_head
+from backend.db.models import File, Job, Project
+from backend.db.session import make_engine, session_scope, set_engine
+from backend.services.storage import hash_file
+
+POSTGRES_URL = os.environ.get("SAFETRAIN_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+WORKER_REDIS_URL = os.environ.get("SAFETRAIN_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/14")
+HEARTBEAT_SECONDS = 1
+HEARTBEAT_EXPIRY_SECONDS = 6
+# A llama config of about 400B parameters: no plan fits it on any machine these tests run on. The
+# estimator reads only the config, so an empty weights file is all the folder needs.
+HUGE_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
+    "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128,
+    "num_key_value_heads": 8, "vocab_size": 512, "max_position_embeddings": 512,
+    "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "bfloat16",
+}
+TRAIN_LINES = [
+    {"prompt": f"Count from {n}:", "completion": " " + " ".join(str(n + k) for k in range(1, 6))} for n in range(16)
+]
+
+
+@dataclass
+class WorkerStack:
+    """A live worker and everything a test needs to give it jobs."""
+
+    backend: str
+    settings: Settings
+    engine: Engine
+    env: dict[str, str]
+    worker: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _fresh_schema_url() -> tuple[str, Callable[[], None]]:
+    schema = f"workers_test_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop() -> None:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    return f"{POSTGRES_URL}?options={quote(f'-csearch_path={schema}')}", drop
+
+
+@pytest.fixture(scope="session")
+def worker_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-gpt2 (a real random-weight model) and huge-llama (a config no plan can fit)."""
+    from backend.training.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("worker-models")
+    make_tiny_model(root / "tiny-gpt2", hidden=32, layers=1, heads=2, context=128)
+    huge = root / "huge-llama"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps(HUGE_LLAMA))
+    (huge / "model.safetensors").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="session")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          worker_models_dir: Path) -> Iterator[WorkerStack]:
+    """A live worker on request.param's database ("postgresql" or "sqlite") and Redis db 14."""
+    backend = request.param
+    data_dir = tmp_path_factory.mktemp(f"worker-{backend}")
+    cleanup: Callable[[], None] = lambda: None  # noqa: E731
+    if backend == "postgresql":
+        database_url, cleanup = _fresh_schema_url()
+    else:
+        database_url = f"sqlite:///{data_dir / 'safetrain.db'}"
+    broker = redis.Redis.from_url(WORKER_REDIS_URL)
+    broker.flushdb()
+    env = {
+        **os.environ,
+        "SAFETRAIN_DATA_DIR": str(data_dir),
+        "SAFETRAIN_MODELS_DIR": str(worker_models_dir),
+        "SAFETRAIN_DATABASE_URL": database_url,
+        "SAFETRAIN_BROKER_URL": WORKER_REDIS_URL,
+        "SAFETRAIN_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
+        "SAFETRAIN_HEARTBEAT_EXPIRY_SECONDS": str(HEARTBEAT_EXPIRY_SECONDS),
+        "SAFETRAIN_VISIBILITY_TIMEOUT_SECONDS": "120",
+        "SAFETRAIN_MAX_ATTEMPTS": "3",
+    }
+    previous = {key: os.environ.get(key) for key in env if key.startswith("SAFETRAIN_")}
+    os.environ.update({key: value for key, value in env.items() if key.startswith("SAFETRAIN_")})
+    get_settings.cache_clear()
+    settings = get_settings()
+    engine = make_engine(database_url)
+    upgrade_to_head(engine)
+    set_engine(engine)
+    log_path = data_dir / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "backend.workers.celery_app", "worker", "--loglevel=INFO",
+             "--concurrency=1", "--pool=prefork", "--queues=safetrain", "--without-mingle", "--without-gossip",
+             f"--hostname=test-{backend}@%h"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    live = WorkerStack(backend, settings, engine, env, worker, log_path)
+    try:
+        yield live
+    finally:
+        _stop(worker)
+        set_engine(None)
+        engine.dispose()
+        cleanup()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+        broker.flushdb()
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown, then kill what is left of the worker's process group."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, stack: WorkerStack | None = None,
+             interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; return its value, or fail naming `what` (with the worker's log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    detail = f"\n--- worker log ---\n{stack.log_tail()}" if stack is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+
+
+def load_job(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def job_status(job_id: str) -> str:
+    return load_job(job_id).status
+
+
+def make_project_and_file(settings: Settings, lines: list[dict[str, Any]] | None = None) -> tuple[Project, File]:
+    """A project and a processed fine-tune file stored under data_dir, as an upload leaves them."""
+    name = f"proj-{uuid.uuid4().hex[:8]}"
+    with session_scope() as session:
+        project = Project(name=name)
+        session.add(project)
+        session.flush()
+        file_row = File(project_id=project.id, filename="train.jsonl", purpose="fine-tune", bytes=0, sha256="",
+                        path="", status="processed", format="prompt_completion")
+        session.add(file_row)
+        session.flush()
+        relative = Path("files") / f"{file_row.id}.jsonl"
+        target = settings.data_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps(line) + "\n" for line in (lines or TRAIN_LINES)))
+        file_row.sha256, file_row.bytes = hash_file(target)
+        file_row.path = str(relative)
+        file_row.n_examples = len(lines or TRAIN_LINES)
+        session.expunge_all()
+    return project, file_row
+
+
+def create_job(settings: Settings, *, model: str = "tiny-gpt2", suffix: str | None = None,
+               **training: Any) -> Job:
+    """Create (commit, then enqueue) a job through the api helper's job service, as POST /v1/fine_tuning/jobs."""
+    from backend.services.jobs import JobSpec
+    from backend.services.jobs import create_job as service_create_job
+
+    project, file_row = make_project_and_file(settings)
+    fields = {"max_steps": 4, "logging_steps": 1, "max_seq_length": 64, "per_device_train_batch_size": 2,
+              **training}
+    spec = JobSpec(model=model, training_file=file_row.id, training=fields, suffix=suffix)
+    with session_scope() as session:
+        project = session.merge(project)
+        job = service_create_job(session=session, settings=settings, project=project, spec=spec)
+        session.expunge(job)
+    return job
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -90,6 +90,7 @@ class LoadResult:
     latencies: list[float]
     seconds: float
     errors: int
+    error_codes: tuple[int, ...] = ()
 
     def percentile(self, fraction: float) -> float:
         ordered = sorted(self.latencies)
@@ -102,7 +103,8 @@ class LoadResult:
     def summary(self) -> str:
         return (
             f"{self.requests_per_second:8.0f} req/s  p50 {self.percentile(0.5) * 1000:6.1f} ms  "
-            f"p99 {self.percentile(0.99) * 1000:6.1f} ms  ({len(self.latencies)} requests, {self.errors} errors)"
+            f"p99 {self.percentile(0.99) * 1000:6.1f} ms  ({len(self.latencies)} requests, {self.errors} errors"
+            + (f" {list(self.error_codes)})" if self.error_codes else ")")
         )
 
 
@@ -124,7 +126,7 @@ async def _client(
             await reader.readexactly(length)
             done = time.perf_counter()
             if head[9:12] != b"200":
-                errors.append(1)
+                errors.append(int(head[9:12]))
             elif sent >= start:
                 latencies.append(done - sent)
     finally:
@@ -149,7 +151,7 @@ def hammer(port: int, path: str, headers: dict[str, str], *, clients: int, secon
         uvloop.run(run())
     except ImportError:
         asyncio.run(run())
-    return LoadResult(latencies, seconds, len(errors))
+    return LoadResult(latencies, seconds, len(errors), tuple(sorted(set(errors))))
 
 
 def machine() -> str:

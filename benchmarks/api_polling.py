@@ -24,6 +24,7 @@ import httpx
 # api_common sits beside this script (run as `python benchmarks/api_polling.py`: benchmarks/ is on sys.path).
 from api_common import LoadResult, append_results, free_port, hammer, safetrain, stack_env, start_uvicorn, stop
 from fastapi import FastAPI, HTTPException
+from sqlalchemy import select
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -43,7 +44,7 @@ def create_bare_app() -> FastAPI:
     @app.get("/bare/jobs/{job_id}")
     def read_job(job_id: str) -> dict[str, object]:
         with sessions() as session:
-            job = session.get(Job, job_id)
+            job = session.scalars(select(Job).where(Job.id == job_id)).first()
             if job is None:
                 raise HTTPException(status_code=404)
             return {"id": job.id, "object": "fine_tuning.job", "status": job.status, "created_at": job.created_at}

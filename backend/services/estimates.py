@@ -38,7 +38,7 @@ def estimate_job(
         )
     resolved = resolve_training(hyperparameters=hyperparameters, method=method, training=training, seed=seed)
     options = resolved.options.model_copy(update={"model": str(ref.path)})
-    config = load_model_config(ref.path)
+    config = load_model_config(str(ref.path))
     plan = plan_memory(options, config, budget_bytes=budget_bytes or default_budget_bytes())
     answer: dict[str, Any] = plan.to_dict()
     answer.setdefault("object", "fine_tuning.estimate")

@@ -43,6 +43,7 @@ from backend.training.events import (  # noqa: E402
 from backend.training.options import TrainingOptions  # noqa: E402
 
 PROG = "train_safe.py"
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _relaunch_under_accelerate(options.deepspeed, args)
     from backend.training.trainer import run_training  # torch loads only once the flags are known to be sane
 
-    with _stop_on_signals() as stop:
-        result = run_training(options, on_event=print_event, stop_requested=stop.is_set)
+    try:
+        with _stop_on_signals() as stop:
+            result = run_training(options, on_event=print_event, stop_requested=stop.is_set)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a checkpoint
+        print("Interrupted without a checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return exit_code(result)
 
 

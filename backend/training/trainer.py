@@ -279,7 +279,7 @@ def _optimizer_step(run: _Run, examples: list[TokenizedExample]) -> tuple[float,
     # The loss is summed over tokens and divided by the step's trained tokens, so it does not depend on how
     # the step is split into micro-batches: an OOM recovery that halves the micro-batch trains the same.
     label_tokens = max(1, sum(_trained_tokens(example) for example in examples))
-    step_loss = torch.zeros(())
+    micro_losses: list[torch.Tensor] = []
     input_tokens = 0
     for micro_batch in _chunks(examples, run.state.micro_batch_size):
         batch = collate(micro_batch, run.session.data.pad_token_id)
@@ -287,14 +287,17 @@ def _optimizer_step(run: _Run, examples: list[TokenizedExample]) -> tuple[float,
         loss = _summed_loss(run, batch) / label_tokens
         loss = _maybe_inject_nan(run, step, loss)
         run.scaler.scale(loss).backward()
-        step_loss += loss.detach().float().cpu()
+        micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
         del loss, batch  # the graph is gone after backward; drop the inputs before the next forward
-    grad_norm = _clip_gradients(run)
-    loss_value = float(step_loss)
+    grad_norm_tensor = _clip_gradients(run)
+    # One device sync per step, for the loss and the gradient norm together.
+    step_loss = torch.stack([value.to(grad_norm_tensor.device) for value in micro_losses]).sum()
+    loss_value, grad_norm = torch.stack([step_loss, grad_norm_tensor.float()]).tolist()
     # With fp16 the scaler skips steps whose gradients overflowed (and lowers its scale): that is not divergence.
     grad_diverged = not run.scaler.is_enabled() and not math.isfinite(grad_norm)
     if not math.isfinite(loss_value) or grad_diverged:
         raise _Diverged(step, loss_value, grad_norm)
+    run.learning_rate = run.optimizer.param_groups[0]["lr"]  # the rate this step used, for the metrics
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -317,9 +320,9 @@ def _summed_loss(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
-def _clip_gradients(run: _Run) -> float:
+def _clip_gradients(run: _Run) -> torch.Tensor:
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
-    return float(torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM))
+    return torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM)
 
 
 def _advance(state: TrainerState, n_examples: int, epoch_size: int, loss: float, tokens: int) -> bool:
@@ -345,7 +348,7 @@ def _log_metrics(run: _Run) -> float:
     metrics = {
         "step": state.step,
         "train_loss": train_loss,
-        "learning_rate": run.scheduler.get_last_lr()[0],
+        "learning_rate": run.learning_rate,
         "tokens_per_second": run.throughput.tokens_per_second(),
         "gpu_memory_used_bytes": sample["used_bytes"],
         "peak_memory_bytes": sample["peak_bytes"],
@@ -353,7 +356,6 @@ def _log_metrics(run: _Run) -> float:
         "total_steps": state.total_steps,
     }
     run.peak_memory_bytes = max(run.peak_memory_bytes, int(sample["peak_bytes"]))
-    run.last_metrics = metrics
     session.report.emit("metrics", _metrics_line(metrics), data=metrics)
     run.window.clear()
     return train_loss
@@ -643,7 +645,7 @@ class _Run:
     sampler: MemorySampler = field(default_factory=MemorySampler)
     started: float = field(default_factory=time.perf_counter)
     peak_memory_bytes: int = 0
-    last_metrics: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self.device = self.model.get_input_embeddings().weight.device

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from backend.training.events import TrainingEvent
 from backend.training.tiny_models import make_tiny_model
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a small shared machine, OpenMP threads spinning against other processes make a
+    tiny model's steps many times slower than one thread does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,8 @@ from backend.training.trainer import run_training
 
 from .conftest import EventLog
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 SETUPS: dict[str, dict[str, Any]] = {
     "full": {},
     "lora": {"use_lora": True},

@@ -18,9 +18,30 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 # Room for the multipart framing around the file part when judging Content-Length up front.
 _FORM_OVERHEAD_BYTES = 64 * 1024
+# The body is parsed as a stream (not by FastAPI), so its shape is declared here for /docs.
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "A JSONL dataset."},
+                    "purpose": {"type": "string", "enum": list(file_service.UPLOAD_PURPOSES)},
+                },
+            }
+        }
+    },
+}
 
 
-@router.post("", response_model=FileObject, summary="Upload a JSONL dataset (multipart: file, purpose)")
+@router.post(
+    "",
+    response_model=FileObject,
+    summary="Upload a JSONL dataset (multipart: file, purpose)",
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+)
 async def upload_file(request: Request, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> FileObject:
     """Stream the file to disk, hashing and validating each line; nothing is kept if it is refused."""
     length = request.headers.get("content-length", "")

@@ -20,7 +20,7 @@ from backend.evaluation.sandbox import SandboxConfig, SandboxUnavailable, check_
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _processes_mentioning(token: str) -> list[int]:
+def _processes_mentioning(token: str, *, skip_bwrap: bool = False) -> list[int]:
     """Host PIDs whose command line contains `token` (sandboxed processes are visible from the host)."""
     found = []
     for entry in Path("/proc").iterdir():
@@ -29,6 +29,8 @@ def _processes_mentioning(token: str) -> list[int]:
         try:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
+            continue
+        if skip_bwrap and cmdline.split(b"\0")[0].endswith(b"bwrap"):
             continue
         if token.encode() in cmdline:
             found.append(int(entry.name))
@@ -215,6 +217,43 @@ def test_fork_bomb_is_stopped_by_the_process_limit_and_the_host_is_fine() -> Non
     assert subprocess.run(["true"], check=False).returncode == 0
 
 
+def test_persistent_fork_bomb_never_exceeds_the_limit_and_is_killed_at_the_deadline() -> None:
+    """A bomb that swallows the fork errors keeps trying until the wall clock; the host counts its processes."""
+    peak = 0
+    running = threading.Event()
+    running.set()
+
+    def count_sandbox_processes() -> None:
+        nonlocal peak
+        while running.is_set():
+            peak = max(peak, len(_processes_mentioning("/sandbox/main.py", skip_bwrap=True)))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=count_sandbox_processes)
+    sampler.start()
+    try:
+        result = _run(
+            """
+            import os
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+            """,
+            timeout_s=2,
+            max_processes=8,
+        )
+    finally:
+        running.clear()
+        sampler.join()
+    assert result.stopped_reason == "timeout" and result.exit_code is None
+    assert result.duration_s < 3.5
+    assert 2 <= peak <= 8  # the bomb did fork, and never past the limit
+    assert _processes_mentioning("/sandbox/main.py") == []
+    assert subprocess.run(["true"], check=False).returncode == 0
+
+
 def test_threads_count_against_the_process_limit() -> None:
     result = _run(
         """
@@ -282,17 +321,19 @@ def test_background_process_does_not_outlive_the_sandbox(tmp_path: Path) -> None
     token = f"safetrain-survivor-{os.getpid()}-{time.monotonic_ns()}"
     result = _run(
         f"""
-        import os, sys
+        import os, sys, time
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
-                code = "import time; time.sleep(2); open({str(marker)!r}, 'w').write('alive')"
+                code = "print('survivor started', flush=True); import time; time.sleep(2); open({str(marker)!r}, 'w')"
                 os.execv(sys.executable, [sys.executable, "-c", code, {token!r}])
             os._exit(0)
+        time.sleep(0.5)
         print("parent done")
         """
     )
-    assert result.ok and result.stdout == "parent done\n", result.stderr
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == ["survivor started", "parent done"]  # it really was running
     assert _processes_mentioning(token) == []
     time.sleep(2.5)
     assert not marker.exists()

@@ -9,6 +9,7 @@ the trainer truncates). Nothing here loads weights.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from pydantic import ValidationError
 
 from backend.config import Settings
 from backend.db.models import File, Job
-from backend.training.datasets import DatasetError, load_examples, token_length_stats, validate_file
+from backend.training.datasets import (
+    DatasetError,
+    DatasetFormat,
+    DatasetSummary,
+    token_length_stats,
+    validate_file,
+)
 from backend.training.memory import apply_safe_defaults, load_model_config, plan_memory
 from backend.training.options import API_TRAINING_FIELDS, TrainingOptions
 from backend.workers.gpu import Device, candidate_devices
@@ -68,8 +75,8 @@ def dataset_path(file_row: File | None, settings: Settings, param: str) -> Path:
     return path
 
 
-def check_dataset(path: Path, settings: Settings, param: str, file_id: str) -> int:
-    """Validate the JSONL line by line; return its example count."""
+def check_dataset(path: Path, settings: Settings, param: str, file_id: str) -> DatasetSummary:
+    """Validate the JSONL line by line; return its format and example count."""
     try:
         summary = validate_file(path, max_line_bytes=settings.max_line_bytes)
     except DatasetError as error:
@@ -80,7 +87,7 @@ def check_dataset(path: Path, settings: Settings, param: str, file_id: str) -> i
             f"File {file_id} has {summary.n_examples} examples; at least {MIN_TRAINING_EXAMPLES} are needed.",
             param,
         )
-    return summary.n_examples
+    return summary
 
 
 def model_folder(job: Job, settings: Settings) -> Path:
@@ -116,9 +123,10 @@ def plan_for_devices(options: TrainingOptions, model_dir: Path, devices: list[De
                                                                                                list[str]]:
     """Safe defaults and the memory plan against the roomiest device; out_of_memory when even that cannot fit."""
     budget = max(device.free_bytes for device in devices)
+    kind = "cuda" if devices[0].is_gpu else "cpu"
     config = load_model_config(str(model_dir))
-    options, notes = apply_safe_defaults(options, config, budget_bytes=budget)
-    plan = plan_memory(options, config, budget_bytes=budget)
+    options, notes = apply_safe_defaults(options, config, budget_bytes=budget, device=kind)
+    plan = plan_memory(options, config, budget_bytes=budget, device=kind)
     if not plan.fits:
         where = devices[0].label if len(devices) == 1 else f"any of {len(devices)} GPUs"
         raise JobRefused(
@@ -131,19 +139,29 @@ def plan_for_devices(options: TrainingOptions, model_dir: Path, devices: list[De
     return options, plan, list(notes)
 
 
-def token_warnings(options: TrainingOptions, train_path: Path, settings: Settings) -> list[str]:
+def first_examples(path: Path, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` examples of an already validated JSONL file."""
+    examples: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8-sig") as stream:
+        for line in stream:
+            if line.strip():
+                examples.append(json.loads(line))
+                if len(examples) >= limit:
+                    break
+    return examples
+
+
+def token_warnings(options: TrainingOptions, train_path: Path, fmt: DatasetFormat) -> list[str]:
     """Warnings about examples longer than max_seq_length (the trainer truncates them)."""
     from backend.training.modeling import load_tokenizer
 
-    fmt, examples = load_examples(train_path, max_line_bytes=settings.max_line_bytes)
     tokenizer = load_tokenizer(options.model)
-    stats = token_length_stats(
-        examples[:TOKEN_STATS_MAX_EXAMPLES], fmt, tokenizer, max_seq_length=options.max_seq_length
-    )
+    examples = first_examples(train_path, TOKEN_STATS_MAX_EXAMPLES)
+    stats = token_length_stats(examples, fmt, tokenizer, max_seq_length=options.max_seq_length)
     if not stats["n_truncated"]:
         return []
     return [
-        f"{stats['n_truncated']} of {stats['n_examples']} examples are longer than max_seq_length="
+        f"{stats['n_truncated']} of {stats['n_examples']} examples checked are longer than max_seq_length="
         f"{options.max_seq_length} tokens (longest {stats['max_tokens']}); they will be truncated."
     ]
 
@@ -152,7 +170,7 @@ def prepare_run(job: Job, training_file: File | None, validation_file: File | No
                 ) -> PreparedRun:
     """Validate the job's inputs and plan its memory; JobRefused says why it cannot run."""
     train_path = dataset_path(training_file, settings, "training_file")
-    check_dataset(train_path, settings, "training_file", job.training_file_id)
+    summary = check_dataset(train_path, settings, "training_file", job.training_file_id)
     validation_path = None
     if job.validation_file_id:
         validation_path = dataset_path(validation_file, settings, "validation_file")
@@ -164,7 +182,11 @@ def prepare_run(job: Job, training_file: File | None, validation_file: File | No
     )
     devices = candidate_devices()
     options, plan, notes = plan_for_devices(options, model_dir, devices)
+    try:
+        warnings = token_warnings(options, train_path, summary.format)
+    except DatasetError as error:  # e.g. the model's chat template refuses a conversation
+        raise JobRefused("invalid_training_file", f"File {job.training_file_id}: {error}", "training_file") from None
     return PreparedRun(
         options=options, plan=plan.to_dict(), estimate_bytes=int(plan.estimate_bytes), devices=devices,
-        warnings=token_warnings(options, train_path, settings), notes=notes,
+        warnings=warnings, notes=notes,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from backend.config import Settings
 from backend.db.models import now
@@ -40,7 +41,7 @@ class ReconcileReport:
     resent: list[str] = field(default_factory=list)
 
 
-def _expired_outcome(attempt: int, action: str | None, max_attempts: int) -> tuple[str, dict[str, str] | None]:
+def _expired_outcome(attempt: int, action: str | None, max_attempts: int) -> tuple[str, dict[str, Any] | None]:
     """The status (and error) a job whose worker vanished moves to."""
     if action == "cancel":
         return "cancelled", None

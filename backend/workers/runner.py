@@ -76,15 +76,27 @@ class _LineReader:
         *lines, self._buffer = chunk.split(b"\n")
         return [line.decode("utf-8", errors="replace") for line in lines if line.strip()]
 
+    def drain(self) -> list[str]:
+        """Every line still in the pipe (the writer has exited), without waiting for more."""
+        lines: list[str] = []
+        while not self.closed:
+            more = self.read(0)
+            if not more and not select.select([self.fd], [], [], 0)[0]:
+                break
+            lines += more
+        return lines
+
 
 def spawn_trainer(
     *, spec: dict[str, Any], work_dir: Path, attempt: int, device: Device, allow_hub: bool
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
     """Start the child; return it, the read end of its event pipe and its log file."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = work_dir / f"attempt-{attempt}.spec.json"
+    # The worker's own files go in a subfolder: the work folder's top level is the adapter the job archives.
+    attempt_dir = work_dir / "worker"
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = attempt_dir / f"attempt-{attempt}.spec.json"
     spec_path.write_text(json.dumps({**spec, "parent_pid": os.getpid()}, indent=2), encoding="utf-8")
-    log_path = work_dir / f"attempt-{attempt}.log"
+    log_path = attempt_dir / f"attempt-{attempt}.log"
     env = {**os.environ, **device.child_environment(), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not allow_hub:
         env["HF_HUB_OFFLINE"] = "1"  # a job trains a local folder: nothing reaches the Hub
@@ -144,7 +156,7 @@ class TrainerRun:
                     next_beat = time.monotonic() + self.heartbeat_seconds
                 self._enforce_grace()
                 if self.process.poll() is not None:
-                    for line in self.reader.read(0):  # whatever the child wrote just before it exited
+                    for line in self.reader.drain():  # whatever the child wrote just before it exited
                         self._handle_line(line)
                     break
         except BaseException:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,11 +81,20 @@ def _fresh_schema_url() -> tuple[str, Callable[[], None]]:
 
 
 @pytest.fixture(scope="session")
-def worker_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def worker_tmp() -> Iterator[Path]:
+    """This session's own temporary folder: pytest's numbered ones may be pruned by another pytest run
+    of the same user on this shared machine while a live worker still uses them."""
+    root = Path(tempfile.mkdtemp(prefix="safetrain-worker-tests-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def worker_models_dir(worker_tmp: Path) -> Path:
     """tiny-gpt2 (a real random-weight model) and huge-llama (a config no plan can fit)."""
     from backend.training.tiny_models import make_tiny_model
 
-    root = tmp_path_factory.mktemp("worker-models")
+    root = worker_tmp / "models"
     make_tiny_model(root / "tiny-gpt2", hidden=32, layers=1, heads=2, context=128)
     huge = root / "huge-llama"
     huge.mkdir()
@@ -94,11 +104,11 @@ def worker_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-          worker_models_dir: Path) -> Iterator[WorkerStack]:
+def stack(request: pytest.FixtureRequest, worker_tmp: Path, worker_models_dir: Path) -> Iterator[WorkerStack]:
     """A live worker on request.param's database ("postgresql" or "sqlite") and Redis db 14."""
     backend = request.param
-    data_dir = tmp_path_factory.mktemp(f"worker-{backend}")
+    data_dir = worker_tmp / f"data-{backend}"
+    data_dir.mkdir()
     cleanup: Callable[[], None] = lambda: None  # noqa: E731
     if backend == "postgresql":
         database_url, cleanup = _fresh_schema_url()
@@ -203,6 +213,7 @@ def make_project_and_file(settings: Settings, lines: list[dict[str, Any]] | None
         file_row.sha256, file_row.bytes = hash_file(target)
         file_row.path = str(relative)
         file_row.n_examples = len(lines or TRAIN_LINES)
+        session.flush()
         session.expunge_all()
     return project, file_row
 
@@ -223,6 +234,3 @@ def create_job(settings: Settings, *, model: str = "tiny-gpt2", suffix: str | No
         session.expunge(job)
     return job
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

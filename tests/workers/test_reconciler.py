@@ -1,0 +1,117 @@
+"""The reconciler: dead attempts requeued (and resumed) or failed at the cap, lost messages sent again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from sqlalchemy import Engine, select
+
+from backend.config import Settings, get_settings
+from backend.db.models import Job, JobEvent, Project, now
+from backend.db.session import session_scope, set_engine
+from backend.workers.celery_app import QUEUE
+from backend.workers.reconciler import reconcile_once
+from tests.workers.conftest import WorkerStack, create_job, load_job, wait_for
+from tests.workers.test_tasks import _checkpoints, _events, _gone, _trainer_pid, _wait_finished
+
+RECONCILER_REDIS_URL = "redis://127.0.0.1:6379/11"
+
+
+@pytest.fixture
+def reconciler_env(db_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """The test database for this process's sessions and Redis db 11 (no worker listens) as the broker."""
+    monkeypatch.setenv("SAFETRAIN_BROKER_URL", RECONCILER_REDIS_URL)
+    get_settings.cache_clear()
+    set_engine(db_engine)
+    broker = redis.Redis.from_url(RECONCILER_REDIS_URL)
+    broker.flushdb()
+    yield Settings(data_dir=tmp_path, broker_url=RECONCILER_REDIS_URL, heartbeat_seconds=1,
+                   heartbeat_expiry_seconds=6, visibility_timeout_seconds=60, max_attempts=3)
+    broker.flushdb()
+    set_engine(None)
+    get_settings.cache_clear()
+
+
+def _job(**values: object) -> str:
+    with session_scope() as session:
+        project = Project(name=f"reconcile-{now()}-{id(values)}")
+        session.add(project)
+        session.flush()
+        job = Job(project_id=project.id, model="tiny-gpt2", training_file_id="file-x", hyperparameters={},
+                  training={}, result_files=[], **values)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def _queued_messages() -> list[str]:
+    """The job ids of the task messages waiting in Redis db 11."""
+    broker = redis.Redis.from_url(RECONCILER_REDIS_URL)
+    bodies = [json.loads(raw) for raw in broker.lrange(QUEUE, 0, -1)]
+    return [message["headers"]["argsrepr"].strip("(),'\" ") for message in bodies]
+
+
+def test_dead_attempts_requeued_or_failed_at_the_cap(reconciler_env: Settings) -> None:
+    old = now() - 100
+    dead = _job(status="running", attempt=1, heartbeat_at=old, worker="gone:1")
+    last_try = _job(status="running", attempt=3, heartbeat_at=old, worker="gone:2")
+    cancelling = _job(status="running", attempt=1, heartbeat_at=old, requested_action="cancel")
+    alive = _job(status="running", attempt=1, heartbeat_at=now(), worker="here:1")
+
+    report = reconcile_once(reconciler_env)
+
+    assert report.requeued == [dead] and report.failed == [last_try] and report.stopped == [cancelling]
+    with session_scope() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job))}
+    assert (jobs[dead].status, jobs[dead].attempt, jobs[dead].worker) == ("queued", 1, None)
+    assert jobs[last_try].status == "failed" and jobs[last_try].error is not None
+    assert jobs[last_try].error["code"] == "worker_lost" and "attempt 3 of 3" in jobs[last_try].error["message"]
+    assert jobs[cancelling].status == "cancelled" and jobs[cancelling].finished_at is not None
+    assert jobs[alive].status == "running"
+    assert _queued_messages() == [dead]  # the requeued job's message is on the broker; nothing else
+    assert reconcile_once(reconciler_env).requeued == []  # a second pass finds nothing to do
+
+
+def test_lost_message_is_sent_again_once(reconciler_env: Settings) -> None:
+    lost = _job(status="queued", created_at=now() - 100)
+    fresh = _job(status="queued")
+
+    report = reconcile_once(reconciler_env)
+
+    assert report.resent == [lost] and _queued_messages() == [lost]
+    assert fresh not in report.resent  # younger than the expiry: its message is presumably on its way
+    # The next passes see one message waiting per... at most the queued jobs, and the doorbell just rang.
+    assert reconcile_once(reconciler_env).resent == []
+    assert _queued_messages() == [lost]
+
+
+@pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
+def test_killed_worker_process_is_requeued_and_resumes(stack: WorkerStack) -> None:
+    """SIGKILL the pool process running a job: its trainer dies with it, the heartbeat expires, the
+    reconciler requeues the job as attempt 2, which resumes from the last complete checkpoint."""
+    job = create_job(stack.settings, max_steps=40, save_steps=2)
+    wait_for(lambda: len(_checkpoints(job.id)) >= 2, 120, "two checkpoints", stack)
+    trainer = _trainer_pid(job.id, 1)
+    assert trainer is not None
+    pool_process = psutil.Process(trainer).ppid()
+    assert pool_process != stack.worker.pid  # the trainer is a child of the pool process, not of the worker
+    os.kill(pool_process, signal.SIGKILL)
+    assert wait_for(lambda: _gone(trainer), 10, "the orphaned trainer to die with its parent")
+    saved_before = max(checkpoint.step_number for checkpoint in _checkpoints(job.id) if checkpoint.attempt == 1)
+
+    assert _wait_finished(stack, job.id, timeout=180) == "succeeded", stack.log_tail()
+    done = load_job(job.id)
+    assert done.attempt == 2 and done.progress_step == 40
+    second = [event.data["step"] for event in _events(job.id)
+              if event.attempt == 2 and event.type == "metrics" and event.data]
+    assert second and second[0] == saved_before + 1, (saved_before, second[:3])
+    with session_scope() as session:
+        attempts = set(session.scalars(select(JobEvent.attempt).where(JobEvent.job_id == job.id)))
+    assert attempts >= {1, 2}

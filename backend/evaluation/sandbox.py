@@ -129,9 +129,11 @@ def run_python(
     if timeout_s <= 0 or memory_mb <= 0 or max_output_bytes <= 0 or max_processes <= 0:
         raise ValueError("timeout_s, memory_mb, max_output_bytes and max_processes must be positive")
     command = _sandbox_command(config, timeout_s=timeout_s, memory_mb=memory_mb, max_processes=max_processes)
-    stdin_fd = _memory_file(stdin.encode("utf-8") if isinstance(stdin, str) else stdin, "stdin") if stdin else None
+    program = source.encode("utf-8")
+    stdin_data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+    stdin_fd = _memory_file(stdin_data, "stdin") if stdin_data else None
+    program_fd = _memory_file(program, "program")
     status_read, status_write = os.pipe()
-    program_fd = _memory_file(source.encode("utf-8"), "program")
     try:
         argv = _with_fds(command, program_fd=program_fd, status_fd=status_write)
         process = _start(argv, config, stdin_fd, pass_fds=(program_fd, status_write))
@@ -367,7 +369,7 @@ def _classify(killed_for: StopReason | None, exit_code: int | None, stderr: _Cap
 
 def _memory_file(data: bytes, name: str) -> int:
     """An anonymous in-memory file holding `data`, positioned at its start (nothing touches the disk)."""
-    fd = os.memfd_create(f"safetrain-sandbox-{name}", 0)
+    fd = os.memfd_create(f"safetrain-sandbox-{name}", os.MFD_CLOEXEC)  # only the bwrap child gets it (pass_fds)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

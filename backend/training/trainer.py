@@ -70,7 +70,8 @@ def run_training(
         _refuse_deepspeed_here(options)
         options, plan = _plan_before_loading(options, report)
         if options.dry_run:
-            return TrainResult(status="succeeded", output_dir=options.output_dir, metrics={"plan": plan.to_dict()})
+            metrics = {"plan": plan.to_dict(), "options": options.model_dump(mode="json")}
+            return TrainResult(status="succeeded", output_dir=options.output_dir, metrics=metrics)
         data = _setup_data(options)
         healing = _Healing.start(options, report)
     except DatasetError as error:
@@ -110,6 +111,7 @@ def _train_with_healing(session: _Session) -> TrainResult:
 def _attempt(session: _Session) -> TrainResult:
     """One attempt: a fresh model and optimizer, restored from the last good checkpoint when there is one."""
     _seed_everything(session.options.seed)
+    session.healing.step_in_progress = 0  # an OOM before the first step is a loading problem, not a batch one
     model, tokenizer = _setup_model(session.options, session.report)
     total_steps = _total_steps(session.options, len(session.data.train))
     optimizer, scheduler = _setup_optimizer(model, session.options, total_steps, session.healing.lr_scale)
@@ -161,7 +163,9 @@ def _plan_before_loading(options: TrainingOptions, report: _Reporter) -> tuple[T
     for note in [*announcements, *check_precision_supported(options)]:
         report.message(note)
     plan = plan_memory(options, config, budget_bytes=budget_bytes)
-    report.emit("plan", format_plan(plan), data={**plan.to_dict(), "device": device})
+    # The options as resolved (safe defaults applied) ride along: they are what the run really uses.
+    report.emit("plan", format_plan(plan), data={**plan.to_dict(), "device": device,
+                                                  "options": options.model_dump(mode="json")})
     if not plan.fits:
         report.message(f"The plan does not fit the budget: {plan.recommendation}", level="warn")
     return options, plan
@@ -528,6 +532,11 @@ class _Healing:
 
     def _after_out_of_memory(self, fault: _Fault, options: TrainingOptions, report: _Reporter) -> str | None:
         micro, accumulation = self.micro_batch_size, self.gradient_accumulation_steps
+        if fault.step == 0:
+            return (
+                "Out of memory while loading the model or its checkpoint, before any step: a smaller micro-batch "
+                "cannot help. Try --use_4bit or --use_8bit with --use_lora, or --device_map auto with --max_memory"
+            )
         if self.oom_retries >= options.max_oom_retries or micro == 1:
             why = "the micro-batch cannot be halved further" if micro == 1 else (
                 f"{self.oom_retries} recoveries spent (--max_oom_retries {options.max_oom_retries})")

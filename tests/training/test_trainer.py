@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from backend.training.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from backend.training.datasets import BUILTIN_DATASET
-from backend.training.modeling import weight_files_sha256
+from backend.training.modeling import check_precision_supported, weight_files_sha256
 from backend.training.options import TrainingOptions
 from backend.training.telemetry import read_telemetry
 from backend.training.trainer import run_training
@@ -75,6 +75,18 @@ def test_every_setup_trains_and_writes_its_output(tiny_model_folders, tmp_path, 
     manifest = json.loads((tmp_path / "out" / "safetrain.json").read_text())
     assert manifest["base_weight_sha256"] == hashes_before
     assert weight_files_sha256(base) == hashes_before  # the base folder is never written
+
+
+def test_bf16_mixed_precision_trains_where_the_cpu_runs_it(tiny_llama, tmp_path, events):
+    try:
+        check_precision_supported(TrainingOptions(bf16=True))
+    except ValueError as refusal:
+        pytest.skip(f"this machine cannot run bf16: {refusal}")
+
+    result = run_training(_options(tiny_llama, tmp_path / "out", use_lora=True, bf16=True), on_event=events)
+
+    assert result.status == "succeeded", result.error_message
+    assert all(math.isfinite(loss) for loss in _losses(events)) and len(_losses(events)) == 3
 
 
 def test_loss_falls_on_the_builtin_dataset(tiny_gpt2, tmp_path, events):

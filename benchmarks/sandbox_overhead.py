@@ -104,6 +104,7 @@ def main() -> None:
     interpreter = sandbox_interpreter()
     with tempfile.TemporaryDirectory() as folder:
         plain = plain_runner(interpreter, Path(folder))
+        load = os.getloadavg()[0]
         lines = [f"- interpreter: {interpreter} (both runners); cpus: {os.cpu_count()}; euid: {os.geteuid()}"]
         lines += latency(args.runs, plain)
         for workers in (1, 2, 4):
@@ -113,6 +114,7 @@ def main() -> None:
                 f"- throughput with {workers} thread(s), humaneval-like: sandbox {sandboxed:.1f} exec/s, "
                 f"plain {unconfined:.1f} exec/s"
             )
+        lines.append(f"- load average (1 min) before/after: {load:.1f}/{os.getloadavg()[0]:.1f} (a shared machine)")
     print("\n".join(lines))
     if not args.no_record:
         append_results("Sandbox overhead", lines)

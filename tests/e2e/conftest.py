@@ -26,7 +26,9 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 from openai import OpenAI
+from safetensors.torch import save_file
 
 from backend.training.tiny_models import build_tokenizer, make_tiny_model
 
@@ -144,10 +146,12 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def make_huge_model(folder: Path) -> Path:
-    """A model folder with only a config (and a tokenizer): enough for the memory plan, never loaded."""
+    """A 400B model folder: its config, a tokenizer and a placeholder weight file that is never loaded."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(HUGE_LLAMA))
     build_tokenizer().save_pretrained(folder)
+    # A model folder has safetensors weights; these are a stand-in, as the plan must fail before any load.
+    save_file({"placeholder": torch.zeros(1)}, str(folder / "model.safetensors"))
     return folder
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,10 @@ def test_stops_cleanly_and_restarts_without_a_new_key(stack: Stack, client: Open
     """Last in the module: SIGTERM stops every process of the stack; `safetrain up` restarts on its data."""
     assert client.models.list().data
     tree = stack.descendants()
-    assert all(code == 0 for code in stack.stop()), stack.logs()
+    # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done; `safetrain up` exits 0.
+    clean = {0, -signal.SIGTERM} if stack.name != "embedded" else {0}
+    codes = stack.stop()
+    assert set(codes) <= clean, (codes, stack.logs())
     assert not any(_alive(pid) for pid in tree), "children outlived their parent"
     if stack.name != "embedded":
         return

@@ -91,7 +91,7 @@ def test_guide_memory_saving_command(backend_dir):
     assert json.loads((output / "adapter_config.json").read_text())["r"] == 8
 
 
-def test_sigterm_checkpoints_and_exits_75(backend_dir, tmp_path):
+def test_sigterm_checkpoints_exits_75_and_resume_continues(backend_dir, tmp_path, monkeypatch, capsys):
     command = [sys.executable, "training/train_safe.py", "--model", "distilgpt2", "--output_dir", "./runs/stop",
                "--use_lora", "--max_steps", "100000", "--logging_steps", "1", "--max_seq_length", "32"]
     stderr_path = tmp_path / "stderr.txt"
@@ -115,6 +115,16 @@ def test_sigterm_checkpoints_and_exits_75(backend_dir, tmp_path):
     assert (checkpoint / COMPLETE_MARKER).is_file() and (checkpoint / "adapter_model.safetensors").is_file()
     assert not [path for path in (backend_dir / "runs" / "stop").iterdir() if path.name.startswith(".tmp")]
     assert "SIGTERM" in err and "--resume_from_checkpoint latest" in out
+
+    stopped_at = int(checkpoint.name.removeprefix("checkpoint-"))
+    monkeypatch.chdir(backend_dir)
+    code = train_safe.main(["--model", "distilgpt2", "--output_dir", "./runs/stop", "--use_lora", "--max_seq_length",
+                            "32", "--logging_steps", "1", "--resume_from_checkpoint", "latest",
+                            "--max_steps", str(stopped_at + 2)])
+    resumed = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert f"at step {stopped_at}" in resumed and f"step {stopped_at + 1}/{stopped_at + 2}" in resumed
+    assert f"step {stopped_at}/" not in resumed
 
 
 def test_contradictory_flags_are_refused_before_anything_loads(tmp_path):

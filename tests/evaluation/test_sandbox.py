@@ -479,3 +479,26 @@ def test_non_root_service_gets_the_same_isolation() -> None:
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.split() == ["65534", "process_limit", "65534", "True"]
     assert sys.executable  # the parent test process is untouched
+
+
+def test_sandbox_dies_with_the_service_that_started_it() -> None:
+    """A worker killed mid-evaluation (OOM killer, SIGKILL) leaves no sandboxed process behind."""
+    service_code = (
+        "from backend.evaluation.sandbox import run_python\n"
+        "run_python('import time\\ntime.sleep(60)', timeout_s=60)\n"
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-c", service_code], cwd=REPO, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not _processes_mentioning("/sandbox/main.py", skip_bwrap=True) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _processes_mentioning("/sandbox/main.py", skip_bwrap=True), "the sandbox never started"
+    finally:
+        service.kill()
+        service.wait()
+    deadline = time.monotonic() + 5
+    while _processes_mentioning("/sandbox/main.py") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_mentioning("/sandbox/main.py") == []

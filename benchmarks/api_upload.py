@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import tempfile
 import threading
 import time
@@ -92,6 +93,11 @@ class PeakRss:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process tree so far."""
+        tree = [self.process, *self.process.children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in tree)
+
     def current(self) -> int:
         tree = [self.process, *self.process.children(recursive=True)]
         return sum(p.memory_info().rss for p in tree)
@@ -115,6 +121,7 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
     block, lines_per_block = line_block()
+    load_before = os.getloadavg()[0]
     repeats = max(1, round(args.gib * 1024**3 / len(block)))
     with tempfile.TemporaryDirectory(prefix="safetrain-upload-") as tmp:
         work = Path(tmp)
@@ -127,7 +134,9 @@ def main() -> int:
             upload(port, key, block, 2)  # warm-up: every import and code path loaded before the baseline
             baseline = PeakRss(server.pid).current()
             with PeakRss(server.pid) as rss:
+                cpu_before = rss.cpu_seconds()
                 uploaded, seconds = upload(port, key, block, repeats)
+                server_cpu = rss.cpu_seconds() - cpu_before
         finally:
             stop(server)
     size = len(block) * repeats
@@ -142,7 +151,9 @@ def main() -> int:
         f"- upload: {size / 1024**3:.2f} GiB ({size} bytes, {examples} chat lines), streamed from a generator",
         f"- answer: status {uploaded.get('status')}, n_examples {uploaded.get('n_examples')}, "
         f"bytes {uploaded.get('bytes')}",
-        f"- {seconds:.1f} s: {throughput:.0f} MB/s with validation (target >= 100)",
+        f"- {seconds:.1f} s: {throughput:.0f} MB/s with validation (target >= 100); load average before "
+        f"{load_before:.1f} (2 cores shared with other work)",
+        f"- server CPU {server_cpu:.1f} s: {size / server_cpu / 1e6:.0f} MB per server CPU second",
         f"- server RSS {baseline / MIB:.0f} MiB before, peak {rss.peak / MIB:.0f} MiB: growth {growth_mib:.1f} MiB "
         "(target < 100)",
         f"- {'PASS' if ok else 'FAIL'}",

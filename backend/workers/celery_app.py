@@ -30,7 +30,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     broker_url = settings.resolved_broker_url
     transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_seconds}
     if broker_url.startswith("sqla+"):
-        transport_options["polling_interval"] = 0.2  # the embedded transport polls; keep dispatch quick
+        # kombu's SQLAlchemy transport hands every transport option to create_engine(), which refuses
+        # unknown keywords (TypeError): send none. It polls once a second; nothing here needs faster.
+        transport_options = {}
     return {
         "broker_url": broker_url,
         "broker_transport_options": transport_options,

@@ -31,6 +31,7 @@ from typing import Any  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from backend.training.events import (  # noqa: E402
     EXIT_BAD_OPTIONS,
@@ -132,12 +133,10 @@ def print_event(event: TrainingEvent) -> None:
     """Print what a person wants to see: messages, the plan, metrics lines and checkpoints (not raw telemetry)."""
     if event.kind == "telemetry" or not event.message:
         return
-    from tqdm import tqdm
-
     prefix = "" if event.level == "info" else f"[{event.level}] "
-    # tqdm.write keeps the progress bar (shown on a terminal) intact under the printed lines.
-    tqdm.write(prefix + event.message, file=sys.stderr if event.level == "error" else sys.stdout)
-    (sys.stderr if event.level == "error" else sys.stdout).flush()
+    stream = sys.stderr if event.level == "error" else sys.stdout
+    tqdm.write(prefix + event.message, file=stream)  # keeps the progress bar (on a terminal) below the lines
+    stream.flush()
 
 
 @contextmanager

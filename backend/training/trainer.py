@@ -178,7 +178,19 @@ def _setup_data(options: TrainingOptions) -> _Data:
     tokenizer = load_tokenizer(resolve_model_source(options.model), trust_remote_code=options.trust_remote_code)
     train = _tokenized(options.data or BUILTIN_DATASET, options, tokenizer)
     validation = _tokenized(options.validation_data, options, tokenizer) if options.validation_data else None
-    return _Data(train, validation, int(tokenizer.pad_token_id))
+    return _Data(train, validation, int(tokenizer.pad_token_id), _eval_tasks(options))
+
+
+def _eval_tasks(options: TrainingOptions) -> list[Any]:
+    """--eval_data's tasks, validated now so a bad file fails before any training time is spent."""
+    if not options.eval_data:
+        return []
+    from backend.evaluation.harness import EvalDataError, load_tasks
+
+    try:
+        return load_tasks(options.eval_data)
+    except EvalDataError as error:
+        raise DatasetError(None, f"--eval_data {options.eval_data}: {error}") from None
 
 
 def _tokenized(path: str | Path, options: TrainingOptions, tokenizer: Any) -> list[TokenizedExample]:
@@ -425,15 +437,39 @@ def _finish(run: _Run) -> TrainResult:
     source = resolve_model_source(session.options.model)
     save_adapter(run.model, run.tokenizer, output_dir, base_folder=source)
     metrics = _final_metrics(run)
+    evaluation = _evaluate(run)
+    if evaluation is not None:
+        metrics["pass_at_k"] = evaluation.get("pass_at_k")
     write_manifest(
         output_dir, base_model=session.options.model, base_weight_sha256=weight_files_sha256(source),
-        options=session.options, metrics=metrics,
+        options=session.options, metrics=metrics, extra={"evaluation": evaluation} if evaluation else None,
     )
     session.report.message(_summary(run, metrics))
     return TrainResult(
         status="succeeded", output_dir=output_dir, adapter_dir=output_dir, steps=state.step,
         trained_tokens=state.trained_tokens, metrics=metrics,
     )
+
+
+def _evaluate(run: _Run) -> dict[str, Any] | None:
+    """Greedy pass@1 of the trained model on --eval_data, every completion run in the sandbox; None without it."""
+    tasks, report = run.session.data.eval_tasks, run.session.report
+    if not tasks:
+        return None
+    from backend.evaluation.harness import evaluate_model
+    from backend.evaluation.sandbox import SandboxUnavailable
+
+    run.model.eval()
+    run.model.config.use_cache = True  # generation, unlike training, wants the KV cache
+    try:
+        result = evaluate_model(run.model, run.tokenizer, tasks, temperature=0.0)
+    except SandboxUnavailable as error:  # fails closed: nothing generated runs outside the sandbox
+        report.message(f"Evaluation skipped: {error}", level="warn")
+        return {"error": str(error)}
+    finally:
+        run.model.config.use_cache = False
+    report.message(f"Evaluation on {len(tasks)} tasks (sandboxed): pass@1 {result.pass_at_k['pass@1']:.3f}")
+    return result.to_dict(include_samples=False)
 
 
 def _final_metrics(run: _Run) -> dict[str, Any]:
@@ -622,6 +658,7 @@ class _Data:
     train: list[TokenizedExample]
     validation: list[TokenizedExample] | None
     pad_token_id: int
+    eval_tasks: list[Any] = field(default_factory=list)  # --eval_data's HumanEval-shaped tasks
 
 
 @dataclass

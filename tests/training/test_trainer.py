@@ -230,6 +230,39 @@ def test_a_bad_dataset_fails_with_its_line_before_the_model_loads(tiny_gpt2, tmp
     assert not any(event.message.startswith("Loaded") for event in events)
 
 
+EVAL_TASKS = [
+    {"task_id": "tiny/even", "prompt": "def is_even(n):\n", "test": "def check(f):\n    assert f(2) is True\n",
+     "entry_point": "is_even"},
+    {"task_id": "tiny/one", "prompt": "def one():\n", "test": "def check(f):\n    assert f() == 1\n",
+     "entry_point": "one"},
+]
+
+
+def test_eval_data_is_evaluated_in_the_sandbox_after_training(tiny_gpt2, tmp_path, events):
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(task) + "\n" for task in EVAL_TASKS))
+
+    result = run_training(_options(tiny_gpt2, tmp_path / "out", use_lora=True, max_steps=2,
+                                   eval_data=str(eval_file)), on_event=events)
+
+    assert result.status == "succeeded", result.error_message
+    evaluation = json.loads((tmp_path / "out" / "safetrain.json").read_text())["evaluation"]
+    assert evaluation["mode"] == "sandbox" and [task["task_id"] for task in evaluation["tasks"]] == ["tiny/even",
+                                                                                                      "tiny/one"]
+    assert result.metrics["pass_at_k"]["pass@1"] == evaluation["pass_at_k"]["pass@1"]  # a random model: 0.0
+
+
+def test_a_bad_eval_file_fails_before_training(tiny_gpt2, tmp_path, events):
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"task_id": "x"}\n')
+
+    result = run_training(_options(tiny_gpt2, tmp_path / "out", eval_data=str(eval_file)), on_event=events)
+
+    assert result.status == "failed" and result.error_code == "invalid_training_file"
+    assert "--eval_data" in (result.error_message or "") and "Line 1" in (result.error_message or "")
+    assert not events.metrics()
+
+
 def test_output_inside_the_base_folder_is_refused(tiny_gpt2, events):
     result = run_training(_options(tiny_gpt2, tiny_gpt2 / "runs"), on_event=events)
 

@@ -233,8 +233,6 @@ def test_a_bad_dataset_fails_with_its_line_before_the_model_loads(tiny_gpt2, tmp
 EVAL_TASKS = [
     {"task_id": "tiny/even", "prompt": "def is_even(n):\n", "test": "def check(f):\n    assert f(2) is True\n",
      "entry_point": "is_even"},
-    {"task_id": "tiny/one", "prompt": "def one():\n", "test": "def check(f):\n    assert f() == 1\n",
-     "entry_point": "one"},
 ]
 
 
@@ -247,8 +245,7 @@ def test_eval_data_is_evaluated_in_the_sandbox_after_training(tiny_gpt2, tmp_pat
 
     assert result.status == "succeeded", result.error_message
     evaluation = json.loads((tmp_path / "out" / "safetrain.json").read_text())["evaluation"]
-    assert evaluation["mode"] == "sandbox" and [task["task_id"] for task in evaluation["tasks"]] == ["tiny/even",
-                                                                                                      "tiny/one"]
+    assert evaluation["mode"] == "sandbox" and [task["task_id"] for task in evaluation["tasks"]] == ["tiny/even"]
     assert result.metrics["pass_at_k"]["pass@1"] == evaluation["pass_at_k"]["pass@1"]  # a random model: 0.0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -24,26 +24,38 @@ class Unauthorized(ServiceError):
         super().__init__(message, code="invalid_api_key")
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     """The app's settings."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One session for the request, closed (rolled back if uncommitted) at its end."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session for the request (made without I/O; it connects on first use, in a worker thread)."""
     session: Session = request.app.state.session_factory()
     try:
         yield session
     finally:
+        # Dependencies hand their connection back before their thread returns (release_connection), so this
+        # close touches the database only after a route that read without committing: one local ROLLBACK.
         session.close()
+
+
+def release_connection(session: Session) -> None:
+    """End the read transaction so the pooled connection is free before this worker thread returns.
+
+    Each sync dependency and route runs in its own thread-pool hop; a request holding a connection while
+    it waits for the next hop could starve the pool and deadlock under load. Loaded objects stay usable
+    (the session does not expire them on commit).
+    """
+    session.commit()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_project(request: Request, session: SessionDep) -> Project:
+def authenticate(request: Request, session: Session) -> Project:
     """The project of the request's `Authorization: Bearer <key>`; 401 otherwise."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -52,8 +64,15 @@ def get_project(request: Request, session: SessionDep) -> Project:
     project = project_for_key(session, key.strip())
     if project is None:
         raise Unauthorized("Incorrect or revoked API key.")
-    request.state.project_id = project.id
     return project
+
+
+def get_project(request: Request, session: SessionDep) -> Project:
+    """The authenticated project (one query, one thread hop)."""
+    try:
+        return authenticate(request, session)
+    finally:
+        release_connection(session)
 
 
 ProjectDep = Annotated[Project, Depends(get_project)]
@@ -61,11 +80,18 @@ ProjectDep = Annotated[Project, Depends(get_project)]
 
 def job_for_project(
     fine_tuning_job_id: Annotated[str, Path(description="The job's id (ftjob-…).")],
+    request: Request,
     session: SessionDep,
-    project: ProjectDep,
 ) -> Job:
-    """The path's job if it belongs to the caller's project; 404 otherwise (never revealing other projects')."""
-    return job_service.get_job(session=session, project=project, job_id=fine_tuning_job_id)
+    """The path's job if it belongs to the caller's project; 404 otherwise (never revealing other projects').
+
+    It authenticates itself, so polling a job costs one thread hop: status polling is the hot path.
+    """
+    try:
+        project = authenticate(request, session)
+        return job_service.get_job(session=session, project=project, job_id=fine_tuning_job_id)
+    finally:
+        release_connection(session)
 
 
 JobDep = Annotated[Job, Depends(job_for_project)]

@@ -63,10 +63,15 @@ def revoke_key_by_value(key: str) -> None:
 
 
 def project_for_key(session: Session, key: str) -> Project | None:
-    """The project an active key belongs to, or None."""
+    """The project an active key belongs to, or None (one query)."""
     digest = hash_key(key)
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    row = session.execute(
+        select(ApiKey.key_hash, ApiKey.revoked_at, Project)
+        .join(Project, Project.id == ApiKey.project_id)
+        .where(ApiKey.key_hash == digest)
+    ).first()
     # The lookup is by hash; the constant-time compare keeps the final check free of timing leaks.
     if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
         return None
-    return session.get(Project, row.project_id)
+    project: Project = row.Project
+    return project

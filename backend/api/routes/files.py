@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import ProjectDep, SessionDep, SettingsDep
+from backend.api.deps import ProjectDep, SessionDep, SettingsDep, release_connection
 from backend.api.multipart import read_form
 from backend.api.schemas import FileDeleted, FileObject, ListResponse, list_response
 from backend.services import files as file_service
@@ -48,7 +48,14 @@ async def upload_file(request: Request, session: SessionDep, settings: SettingsD
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > settings.max_upload_bytes + _FORM_OVERHEAD_BYTES:
         raise TooLarge(f"The file is larger than the limit of {settings.max_upload_bytes} bytes.")
-    pending = await run_in_threadpool(file_service.start_upload, session=session, settings=settings, project=project)
+
+    def start() -> file_service.PendingUpload:
+        try:
+            return file_service.start_upload(session=session, settings=settings, project=project)
+        finally:
+            release_connection(session)  # no pooled connection is held while the body streams in
+
+    pending = await run_in_threadpool(start)
 
     buffered = bytearray()
 
@@ -103,19 +110,23 @@ def list_files(
     page = file_service.list_files(
         session=session, project=project, purpose=purpose, after=after, limit=limit, order=order
     )
+    release_connection(session)
     return list_response([FileObject.of(row) for row in page.rows], has_more=page.has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")
 def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileObject:
     """One file of the project."""
-    return FileObject.of(file_service.get_file(session=session, project=project, file_id=file_id))
+    row = file_service.get_file(session=session, project=project, file_id=file_id)
+    release_connection(session)
+    return FileObject.of(row)
 
 
 @router.get("/{file_id}/content", summary="Download a file's bytes", response_class=FileResponse)
 def file_content(file_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> FileResponse:
     """The stored bytes, streamed from disk (datasets and adapter archives alike)."""
     row = file_service.get_file(session=session, project=project, file_id=file_id)
+    release_connection(session)
     path = file_service.file_path(settings=settings, row=row)
     if not path.is_file():
         raise NotFound(f"The content of file {file_id} is no longer stored.", param="file_id")

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep
+from backend.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep, release_connection
 from backend.api.schemas import (
     FineTuningJob,
     FineTuningJobCheckpoint,
@@ -63,12 +63,13 @@ def list_jobs(
     page = job_service.list_jobs(
         session=session, project=project, after=after, limit=limit, metadata=_metadata_filter(request)
     )
+    release_connection(session)
     return list_response([FineTuningJob.of(job) for job in page.rows], has_more=page.has_more)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, summary="Retrieve a fine-tuning job")
-def retrieve_job(job: JobDep) -> FineTuningJob:
-    """One job of the project."""
+async def retrieve_job(job: JobDep) -> FineTuningJob:
+    """One job of the project (async: the row is loaded, shaping it needs no thread)."""
     return FineTuningJob.of(job)
 
 
@@ -109,6 +110,7 @@ def list_events(
         start = _last_event_number(last_event_id)
         return EventSourceResponse(_event_stream(request, job.id, start), ping=15)
     page = job_service.list_events(session=session, job=job, after=after, limit=limit)
+    release_connection(session)
     return list_response([FineTuningJobEvent.of(row) for row in page.rows], has_more=page.has_more)
 
 
@@ -156,6 +158,7 @@ def list_checkpoints(
 ) -> dict[str, Any]:
     """Complete checkpoints, newest first."""
     page = job_service.list_checkpoints(session=session, job=job, after=after, limit=limit)
+    release_connection(session)
     items = [FineTuningJobCheckpoint.of(row, job=job, project=project) for row in page.rows]
     return list_response(items, has_more=page.has_more)
 
@@ -169,5 +172,6 @@ def list_telemetry(
 ) -> TelemetryList:
     """Per-GPU used/total, torch allocated/reserved/peak and process RSS over time, oldest first."""
     page = job_service.list_telemetry(session=session, job=job, after_seq=after, limit=limit)
+    release_connection(session)
     data = [TelemetrySampleOut.of(row) for row in page.rows]
     return TelemetryList(data=data, has_more=page.has_more, last_seq=data[-1].seq if data else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from backend.api.deps import ProjectDep, SessionDep, SettingsDep
+from backend.api.deps import ProjectDep, SessionDep, SettingsDep, release_connection
 from backend.api.schemas import ModelList, ModelObject
 from backend.services import jobs as job_service
 from backend.services.base_models import list_base_models
@@ -22,6 +22,7 @@ def _all_models(session: SessionDep, settings: SettingsDep, project: ProjectDep)
         ModelObject(id=job.fine_tuned_model or job.id, created=job.finished_at or job.created_at, owned_by=project.id)
         for job in job_service.fine_tuned_models(session=session, project=project)
     ]
+    release_connection(session)
     return base + tuned
 
 

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 from starlette.responses import Response
 
@@ -18,14 +19,15 @@ from backend.config import Settings, get_settings
 from backend.db.session import get_session_factory, make_engine
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app; with explicit `settings` it gets its own engine for their database, else the process's."""
-    if settings is None:
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """A new app; with explicit `settings` (or `engine`) it gets its own engine, else the process's."""
+    own_engine: Engine | None = None
+    if settings is None and engine is None:
         settings = get_settings()
         session_factory = get_session_factory()
-        own_engine = None
     else:
-        own_engine = make_engine(settings.database_url)
+        settings = settings or get_settings()
+        own_engine = engine or make_engine(settings.database_url)
         session_factory = sessionmaker(bind=own_engine, expire_on_commit=False)
 
     @asynccontextmanager

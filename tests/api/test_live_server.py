@@ -85,3 +85,40 @@ def test_oversized_chunked_upload_is_refused_midway(base_url: str, key_a: str, s
     assert response.status_code == 413
     folder = settings.data_dir / "files"
     assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_concurrent_polls_never_starve_a_small_connection_pool(settings: Settings, key_a: str, sdk: OpenAI,
+                                                               upload) -> None:  # type: ignore[no-untyped-def]
+    """More requests in flight than pooled connections: each thread hop returns its connection before it ends."""
+    import asyncio
+
+    from sqlalchemy import create_engine
+
+    from backend.api.app import create_app
+
+    job_id = sdk.fine_tuning.jobs.create(model="tiny-gpt2", training_file=str(upload(key_a)["id"])).id
+    engine = create_engine(settings.database_url, pool_size=2, max_overflow=0, pool_timeout=5)
+    app = create_app(settings, engine=engine)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    async def poll_all() -> list[int]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=bearer(key_a), limits=limits,
+                                     timeout=30) as client:
+            paths = [f"/v1/fine_tuning/jobs/{job_id}", f"/v1/fine_tuning/jobs/{job_id}/events", "/v1/files"] * 20
+            responses = await asyncio.gather(*(client.get(path) for path in paths))
+            return [response.status_code for response in responses]
+
+    try:
+        assert asyncio.run(poll_all()) == [200] * 60
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.dispose()

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from sqlalchemy import select
 
-from backend.db.models import Artifact, Checkpoint, File, JobEvent, TelemetrySample
+from backend.db.models import Artifact, Checkpoint, File, Job, JobEvent, Project, TelemetrySample
 from backend.db.session import session_scope
 from backend.services.jobs import cancel_job, pause_job, resume_job
 from tests.workers.conftest import WorkerStack, create_job, job_status, load_job, wait_for
@@ -49,6 +49,21 @@ def _wait_finished(stack: WorkerStack, job_id: str, timeout: float = JOB_TIMEOUT
         for event in _events(job_id):
             print(f"  [{event.attempt}] {event.level} {event.message[:300]}")
     return status
+
+
+def _request(job_id: str, action: str, stack: WorkerStack) -> None:
+    """Cancel, pause or resume through the api helper's job service, as the API's routes do."""
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        assert job is not None
+        if action == "cancel":
+            cancel_job(session=session, job=job)
+        elif action == "pause":
+            pause_job(session=session, job=job)
+        else:
+            project = session.get(Project, job.project_id)
+            assert project is not None
+            resume_job(session=session, settings=stack.settings, project=project, job=job)
 
 
 def _gone(pid: int) -> bool:
@@ -99,8 +114,7 @@ def test_cancel_while_running_stops_the_trainer(stack: WorkerStack) -> None:
     wait_for(lambda: (load_job(job.id).progress_step or 0) >= 2, JOB_TIMEOUT, "training to start", stack)
     pid = _trainer_pid(job.id, 1)
     assert pid is not None and not _gone(pid)
-    with session_scope() as session:
-        cancel_job(session=session, job=load_job(job.id))
+    _request(job.id, "cancel", stack)
     assert _wait_finished(stack, job.id, timeout=30) == "cancelled"
     assert wait_for(lambda: _gone(pid), 10, "the trainer process to exit")
     done = load_job(job.id)
@@ -111,17 +125,14 @@ def test_cancel_while_running_stops_the_trainer(stack: WorkerStack) -> None:
 def test_pause_then_resume_continues_from_the_checkpoint(stack: WorkerStack) -> None:
     job = create_job(stack.settings, max_steps=60)
     wait_for(lambda: (load_job(job.id).progress_step or 0) >= 3, JOB_TIMEOUT, "a few steps", stack)
-    with session_scope() as session:
-        pause_job(session=session, job=load_job(job.id))
+    _request(job.id, "pause", stack)
     assert _wait_finished(stack, job.id, timeout=30) == "paused"
-    paused = load_job(job.id)
     saved = [checkpoint.step_number for checkpoint in _checkpoints(job.id) if checkpoint.attempt == 1]
     assert saved and 3 <= saved[-1] < 60, saved
     pid = _trainer_pid(job.id, 1)
     assert pid is not None and _gone(pid)
 
-    with session_scope() as session:
-        resume_job(session=session, settings=stack.settings, project=_project(paused.project_id), job=paused)
+    _request(job.id, "resume", stack)
     assert _wait_finished(stack, job.id) == "succeeded", stack.log_tail()
     done = load_job(job.id)
     assert done.attempt == 2 and done.progress_step == 60
@@ -129,15 +140,6 @@ def test_pause_then_resume_continues_from_the_checkpoint(stack: WorkerStack) -> 
               if event.attempt == 2 and event.type == "metrics" and event.data]
     assert second[0] == saved[-1] + 1, second[:3]  # not step 1: it resumed where the pause checkpointed
     assert any(event.attempt == 2 and event.message.startswith("Resumed from") for event in _events(job.id))
-
-
-def _project(project_id: str):  # type: ignore[no-untyped-def]
-    from backend.db.models import Project
-
-    with session_scope() as session:
-        project = session.get(Project, project_id)
-        session.expunge_all()
-        return project
 
 
 @both
@@ -155,15 +157,18 @@ def test_plan_that_cannot_fit_fails_early(stack: WorkerStack) -> None:
 
 @postgres
 def test_submit_to_running_latency(stack: WorkerStack) -> None:
-    """Time from the committed job (create_job returns after commit and enqueue) to status running."""
+    """Committed job (create_job returns after commit and enqueue) → status running, on a warm worker.
+
+    Each job is cancelled as soon as it runs: its trainer is still importing, so this costs little CPU.
+    """
     latencies = []
-    for _ in range(3):
+    for _ in range(5):
         started = time.monotonic()
         job_id = create_job(stack.settings).id
-        wait_for(lambda: job_status(job_id) in ("running", "succeeded"), 30, "running", stack,  # noqa: B023
-                 interval=0.005)
+        wait_for(lambda: job_status(job_id) == "running", 30, "running", stack, interval=0.002)  # noqa: B023
         latencies.append(time.monotonic() - started)
-        assert _wait_finished(stack, job_id) == "succeeded"
+        _request(job_id, "cancel", stack)
+        assert _wait_finished(stack, job_id, timeout=60) == "cancelled"
     latencies.sort()
-    print(f"submit → running on Redis + PostgreSQL: {[round(value * 1000) for value in latencies]} ms")
-    assert latencies[1] < 2.0
+    print(f"submit -> running on Redis + PostgreSQL, warm worker: {[round(value * 1000) for value in latencies]} ms")
+    assert latencies[len(latencies) // 2] < 1.0

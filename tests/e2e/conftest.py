@@ -236,14 +236,13 @@ def start_embedded(tmp: Path, data_dir: Path | None = None) -> Stack:
 
 
 @pytest.fixture(scope="module", params=["redis_postgres", "embedded"])
-def stack(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, shared_models_dir: Path
-) -> Iterator[Stack]:
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A live deployment in one of the two configurations."""
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "redis_postgres":
+        models_dir = request.getfixturevalue("shared_models_dir")
         database_url = request.getfixturevalue("postgres_database")
-        running = start_redis_postgres(tmp, shared_models_dir, database_url)
+        running = start_redis_postgres(tmp, models_dir, database_url)
     else:
         running = start_embedded(tmp)
     try:

@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `safetrain` console script."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["train"]:  # everything after `train` is train_safe.py's, flags included
+        return _cmd_train(argparse.Namespace(train_args=arguments[1:]))
+    args = build_parser().parse_args(arguments)
     return int(args.func(args))
 
 

@@ -103,6 +103,8 @@ def parse_options(argv: Sequence[str]) -> TrainingOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, train, and return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:  # `safetrain train -- --model ...`
+        args = args[1:]
     try:
         options = parse_options(args)
     except SystemExit as exit_request:  # argparse's errors and --help, and refused options

@@ -184,3 +184,12 @@ def test_list_mapping_and_tri_state_flags_parse():
     assert options.lora_target_modules == ["q_proj", "v_proj"]
     assert options.max_memory == {"0": "10GiB", "cpu": "30GiB"}
     assert options.gradient_checkpointing is False and options.use_8bit is None and options.epochs == 0.5
+
+
+def test_safetrain_train_passes_every_flag_to_train_safe(tiny_gpt2, tmp_path, capsys):
+    from backend.cli import main as safetrain_main
+
+    assert safetrain_main(["train", "--use_8bit", "--use_4bit", "--use_lora"]) == EXIT_BAD_OPTIONS
+    assert "--use_4bit" in capsys.readouterr().err
+    code = safetrain_main(["train", "--", "--model", str(tiny_gpt2), "--output_dir", str(tmp_path / "o"), "--dry_run"])
+    assert code == EXIT_OK and "Memory plan" in capsys.readouterr().out

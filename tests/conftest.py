@@ -102,16 +102,24 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def broker_env() -> Iterator[str]:
-    """Point the process-wide settings (read by the dispatcher) at the test Redis database."""
-    previous = os.environ.get("SAFETRAIN_BROKER_URL")
-    os.environ["SAFETRAIN_BROKER_URL"] = REDIS_URL
-    get_settings.cache_clear()
+def redis_broker() -> Iterator[str]:
+    """This suite's own Redis database (15), emptied before and after: no worker consumes it."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
     yield REDIS_URL
-    if previous is None:
-        os.environ.pop("SAFETRAIN_BROKER_URL", None)
-    else:
-        os.environ["SAFETRAIN_BROKER_URL"] = previous
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def broker_env(monkeypatch: pytest.MonkeyPatch, redis_broker: str) -> Iterator[str]:
+    """Point the process-wide settings (read by the dispatcher) at the test Redis database, for one test."""
+    monkeypatch.setenv("SAFETRAIN_BROKER_URL", redis_broker)
+    get_settings.cache_clear()
+    yield redis_broker
+    monkeypatch.undo()
     get_settings.cache_clear()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -55,7 +56,10 @@ def _queued_messages() -> list[str]:
     """The job ids of the task messages waiting in Redis db 11."""
     broker = redis.Redis.from_url(RECONCILER_REDIS_URL)
     bodies = [json.loads(raw) for raw in broker.lrange(QUEUE, 0, -1)]
-    return [message["headers"]["argsrepr"].strip("(),'\" ") for message in bodies]
+    # A Celery message body is base64 JSON [args, kwargs, embed]; args is [job_id] and nothing more.
+    args = [json.loads(base64.b64decode(message["body"]))[0] for message in bodies]
+    assert all(len(arg) == 1 for arg in args)
+    return [arg[0] for arg in args]
 
 
 def test_dead_attempts_requeued_or_failed_at_the_cap(reconciler_env: Settings) -> None:

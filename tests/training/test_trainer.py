@@ -148,7 +148,7 @@ def test_resume_continues_at_the_step_and_matches_an_uninterrupted_run(tiny_gpt2
 
     assert result.status == "succeeded" and result.steps == 8
     assert [metrics["step"] for metrics in resumed.metrics()] == [5, 6, 7, 8]
-    assert _losses(resumed) == pytest.approx(_losses(straight)[4:], rel=1e-3)
+    assert _losses(resumed) == pytest.approx(_losses(straight)[4:], rel=1e-5)  # measured: identical
 
 
 def test_out_of_memory_halves_the_micro_batch_keeping_the_effective_batch(tiny_llama, tmp_path, make_events):

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -68,9 +68,10 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, summary="Retrieve a fine-tuning job")
-async def retrieve_job(job: JobDep) -> FineTuningJob:
+async def retrieve_job(job: JobDep) -> Response:
     """One job of the project (async: the row is loaded, shaping it needs no thread)."""
-    return FineTuningJob.of(job)
+    # Status polling is the hot path: serialize once instead of letting FastAPI re-validate the model.
+    return Response(FineTuningJob.of(job).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, summary="Cancel a job")

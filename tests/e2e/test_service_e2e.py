@@ -106,11 +106,12 @@ def test_cancel_queued_pause_resume_cancel_running(stack: Stack, client: OpenAI,
     file_id = upload(client, training_jsonl)
     idle = stack.descendants()
     running_id = submit(client, file_id, LONG_RUN)
-    queued_id = submit(client, file_id, LONG_RUN)  # one worker, one training at a time: this one waits
-
-    assert client.fine_tuning.jobs.cancel(queued_id).status == "cancelled"
     wait_for(lambda: metrics_steps(client, running_id), JOB_TIMEOUT, "the first metrics of the long job")
     trainers = stack.descendants() - idle
+    queued_id = submit(client, file_id, LONG_RUN)  # one worker, one training at a time: this one waits
+
+    assert client.fine_tuning.jobs.retrieve(queued_id).status == "queued"
+    assert client.fine_tuning.jobs.cancel(queued_id).status == "cancelled"
     assert trainers, "the trainer must run in a child process of the worker"
 
     client.fine_tuning.jobs.pause(running_id)

@@ -325,12 +325,12 @@ def _summed_loss(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The cross-entropy of one micro-batch, summed over its trained tokens."""
     input_ids = batch["input_ids"].to(run.device)
     attention_mask = batch["attention_mask"].to(run.device)
-    with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32, enabled=run.autocast_dtype
-                        is not None):
+    with run.autocast():
         outputs = run.model(input_ids=input_ids, attention_mask=attention_mask)
     logits = outputs.logits[:, :-1]
     del outputs  # holds other per-layer outputs when a model returns them; only the logits are needed
     labels = batch["labels"][:, 1:].to(logits.device)
+    # A float32 log-softmax is stable under fp16/bf16; its vocabulary-wide copy lives only until backward.
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -699,6 +699,11 @@ class _Run:
         self.autocast_dtype = torch.bfloat16 if options.bf16 else torch.float16 if options.fp16 else None
         # Loss scaling is for fp16 on CUDA only; disabled, the scaler passes every call straight through.
         self.scaler = torch.amp.GradScaler("cuda", enabled=options.fp16 and self.device.type == "cuda")
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for the forward pass when --fp16/--bf16 asked for it; a no-op otherwise."""
+        dtype = self.autocast_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
 
 
 def _total_steps(options: TrainingOptions, n_examples: int) -> int:

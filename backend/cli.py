@@ -34,7 +34,12 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
 def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     from backend.services.keys import revoke_key_by_value
 
-    revoke_key_by_value(args.key)
+    try:
+        revoke_key_by_value(args.key)
+    except ValueError as error:
+        print(f"safetrain keys revoke: {error}", file=sys.stderr)
+        return 1
+    print("revoked", file=sys.stderr)
     return 0
 
 

@@ -80,7 +80,7 @@ def _fresh_schema_url() -> tuple[str, Callable[[], None]]:
     return f"{POSTGRES_URL}?options={quote(f'-csearch_path={schema}')}", drop
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def worker_tmp() -> Iterator[Path]:
     """This session's own temporary folder: pytest's numbered ones may be pruned by another pytest run
     of the same user on this shared machine while a live worker still uses them."""
@@ -89,7 +89,7 @@ def worker_tmp() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def worker_models_dir(worker_tmp: Path) -> Path:
     """tiny-gpt2 (a real random-weight model) and huge-llama (a config no plan can fit)."""
     from backend.training.tiny_models import make_tiny_model
@@ -103,7 +103,7 @@ def worker_models_dir(worker_tmp: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(request: pytest.FixtureRequest, worker_tmp: Path, worker_models_dir: Path) -> Iterator[WorkerStack]:
     """A live worker on request.param's database ("postgresql" or "sqlite") and Redis db 14."""
     backend = request.param

@@ -19,8 +19,15 @@ from backend.db.models import Job, JobEvent, Project, now
 from backend.db.session import session_scope, set_engine
 from backend.workers.celery_app import QUEUE
 from backend.workers.reconciler import reconcile_once
-from tests.workers.conftest import WorkerStack, create_job, load_job, wait_for
-from tests.workers.test_tasks import _checkpoints, _events, _gone, _trainer_pid, _wait_finished
+from tests.workers.conftest import WorkerStack, create_job, wait_for
+from tests.workers.test_tasks import (
+    _checkpoints,
+    _events,
+    _gone,
+    _trainer_pid,
+    _wait_finished,
+    assert_succeeded_with_adapter,
+)
 
 RECONCILER_REDIS_URL = "redis://127.0.0.1:6379/11"
 
@@ -111,8 +118,7 @@ def test_killed_worker_process_is_requeued_and_resumes(stack: WorkerStack) -> No
     saved_before = max(checkpoint.step_number for checkpoint in _checkpoints(job.id) if checkpoint.attempt == 1)
 
     assert _wait_finished(stack, job.id, timeout=180) == "succeeded", stack.log_tail()
-    done = load_job(job.id)
-    assert done.attempt == 2 and done.progress_step == 40
+    assert_succeeded_with_adapter(stack, job.id, steps=40, attempt=2)
     second = [event.data["step"] for event in _events(job.id)
               if event.attempt == 2 and event.type == "metrics" and event.data]
     assert second and second[0] == saved_before + 1, (saved_before, second[:3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 
@@ -73,30 +74,24 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@both
-def test_job_succeeds_with_adapter_archive(stack: WorkerStack) -> None:
-    job = create_job(stack.settings, suffix="demo", save_steps=2)
-    assert _wait_finished(stack, job.id) == "succeeded", stack.log_tail()
-    done = load_job(job.id)
-    assert done.attempt == 1 and done.error is None
-    assert done.fine_tuned_model == f"ft:tiny-gpt2:demo:{job.id}"
+def assert_succeeded_with_adapter(stack: WorkerStack, job_id: str, *, steps: int, attempt: int) -> None:
+    """The job row, its events, checkpoints, telemetry and result file say it succeeded with an adapter."""
+    done = load_job(job_id)
+    assert done.status == "succeeded" and done.attempt == attempt and done.error is None
+    assert done.fine_tuned_model == f"ft:tiny-gpt2:{done.suffix or _project_name(done.project_id)}:{job_id}"
     assert done.trained_tokens and done.trained_tokens > 0
     assert done.memory_peak_bytes and done.memory_peak_bytes > 0 and done.memory_estimate_bytes
-    assert done.memory_device == "cpu" and done.progress_step == 4 and done.progress_total_steps == 4
-    assert done.training["use_lora"] is True and done.training["max_steps"] == 4
+    assert done.memory_device == "cpu" and done.progress_step == steps and done.progress_total_steps == steps
+    assert done.training["use_lora"] is True and done.training["max_steps"] == steps
     assert done.finished_at is not None and done.requested_action is None
-
-    events = _events(job.id)
-    metrics = [event for event in events if event.type == "metrics"]
-    assert [event.data["step"] for event in metrics if event.data] == [1, 2, 3, 4]
-    assert all(event.data and "train_loss" in event.data for event in metrics)
-    assert [checkpoint.step_number for checkpoint in _checkpoints(job.id)] == [2, 4]
+    metrics = [event for event in _events(job_id) if event.type == "metrics"]
+    assert metrics and all(event.data and "train_loss" in event.data for event in metrics)
+    assert _checkpoints(job_id)[-1].step_number == steps
     with session_scope() as session:
-        samples = session.scalar(select(TelemetrySample.seq).where(TelemetrySample.job_id == job.id).limit(1))
-        assert samples is not None
+        assert session.scalar(select(TelemetrySample.seq).where(TelemetrySample.job_id == job_id).limit(1))
         (file_id,) = done.result_files
         result = session.scalar(select(File).where(File.id == file_id))
-        artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+        artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id))
         assert result is not None and artifact is not None
         assert result.purpose == "fine-tune-results" and result.project_id == done.project_id
         assert artifact.file_id == file_id and artifact.sha256 == result.sha256 and artifact.bytes == result.bytes
@@ -104,8 +99,26 @@ def test_job_succeeds_with_adapter_archive(stack: WorkerStack) -> None:
     archive = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
     names = set(archive.namelist())
     assert {"adapter_config.json", "adapter_model.safetensors", "safetrain.json"} <= names
-    assert not any(name.startswith(("checkpoint-", "attempt-")) for name in names)
-    assert b'"fine_tuned_model"' in archive.read("safetrain.json")
+    assert not any(name.startswith(("checkpoint-", "worker")) or name == "telemetry.jsonl" for name in names)
+    manifest = json.loads(archive.read("safetrain.json"))
+    assert manifest["fine_tuned_model"] == done.fine_tuned_model and manifest["base_weight_sha256"]
+
+
+def _project_name(project_id: str) -> str:
+    with session_scope() as session:
+        project = session.get(Project, project_id)
+        assert project is not None
+        return project.name
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_job_succeeds_with_adapter_archive(stack: WorkerStack) -> None:
+    job = create_job(stack.settings, suffix="demo", save_steps=2)
+    assert _wait_finished(stack, job.id) == "succeeded", stack.log_tail()
+    assert_succeeded_with_adapter(stack, job.id, steps=4, attempt=1)
+    assert [event.data["step"] for event in _events(job.id) if event.type == "metrics" and event.data] == [1, 2, 3, 4]
+    assert [checkpoint.step_number for checkpoint in _checkpoints(job.id)] == [2, 4]
+    assert load_job(job.id).fine_tuned_model == f"ft:tiny-gpt2:demo:{job.id}"
 
 
 @postgres
@@ -134,8 +147,7 @@ def test_pause_then_resume_continues_from_the_checkpoint(stack: WorkerStack) -> 
 
     _request(job.id, "resume", stack)
     assert _wait_finished(stack, job.id) == "succeeded", stack.log_tail()
-    done = load_job(job.id)
-    assert done.attempt == 2 and done.progress_step == 60
+    assert_succeeded_with_adapter(stack, job.id, steps=60, attempt=2)
     second = [event.data["step"] for event in _events(job.id)
               if event.attempt == 2 and event.type == "metrics" and event.data]
     assert second[0] == saved[-1] + 1, second[:3]  # not step 1: it resumed where the pause checkpointed
@@ -162,7 +174,7 @@ def test_submit_to_running_latency(stack: WorkerStack) -> None:
     Each job is cancelled as soon as it runs: its trainer is still importing, so this costs little CPU.
     """
     latencies = []
-    for _ in range(5):
+    for _ in range(4):
         started = time.monotonic()
         job_id = create_job(stack.settings).id
         wait_for(lambda: job_status(job_id) == "running", 30, "running", stack, interval=0.002)  # noqa: B023

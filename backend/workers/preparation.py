@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,23 @@ def first_examples(path: Path, limit: int) -> list[dict[str, Any]]:
     return examples
 
 
-def token_warnings(options: TrainingOptions, train_path: Path, fmt: DatasetFormat) -> list[str]:
-    """Warnings about examples longer than max_seq_length (the trainer truncates them)."""
+@lru_cache(maxsize=8)
+def _tokenizer_for(folder: str, stamp: float) -> Any:
+    """The tokenizer of a model folder, loaded once per version of the folder (`stamp`) in this process."""
     from backend.training.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(options.model)
+    return load_tokenizer(folder)
+
+
+def cached_tokenizer(folder: str) -> Any:
+    """The model folder's tokenizer; reloaded when a file in the folder changes."""
+    stamp = max((path.stat().st_mtime for path in Path(folder).iterdir() if path.is_file()), default=0.0)
+    return _tokenizer_for(folder, stamp)
+
+
+def token_warnings(options: TrainingOptions, train_path: Path, fmt: DatasetFormat) -> list[str]:
+    """Warnings about examples longer than max_seq_length (the trainer truncates them)."""
+    tokenizer = cached_tokenizer(options.model)
     examples = first_examples(train_path, TOKEN_STATS_MAX_EXAMPLES)
     stats = token_length_stats(examples, fmt, tokenizer, max_seq_length=options.max_seq_length)
     if not stats["n_truncated"]:

@@ -27,8 +27,10 @@ def run_job(job_id: str) -> None:
     if claimed is None:
         logger.info("job %s: gone, finished or claimed by another worker; nothing to do", job_id)
         return
-    recorder = AttemptRecorder(job_id, claimed.attempt, data_dir=settings.data_dir,
-                               retry_seconds=settings.heartbeat_expiry_seconds)
+    # Give up on an unreachable database (and kill the trainer) before the heartbeat can expire, so the
+    # reconciler never starts the next attempt while this one's trainer still runs.
+    retry_seconds = max(1.0, settings.heartbeat_expiry_seconds - 2.0 * settings.heartbeat_seconds)
+    recorder = AttemptRecorder(job_id, claimed.attempt, data_dir=settings.data_dir, retry_seconds=retry_seconds)
     try:
         run_attempt(recorder, settings, worker)
     except StaleAttemptError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
 import zipfile
 
@@ -184,3 +186,20 @@ def test_submit_to_running_latency(stack: WorkerStack) -> None:
     latencies.sort()
     print(f"submit -> running on Redis + PostgreSQL, warm worker: {[round(value * 1000) for value in latencies]} ms")
     assert latencies[len(latencies) // 2] < 1.0
+
+
+@postgres
+def test_trainer_that_dies_every_time_fails_at_the_retry_cap(stack: WorkerStack) -> None:
+    """A trainer killed on every attempt (as by the kernel's OOM killer) is retried, then failed with the reason."""
+    job = create_job(stack.settings)
+    for attempt in (1, 2, 3):
+        pid = wait_for(lambda: _trainer_pid(job.id, attempt), 60, f"trainer of attempt {attempt}", stack)  # noqa: B023
+        os.kill(pid, signal.SIGKILL)
+    assert _wait_finished(stack, job.id, timeout=60) == "failed"
+    done = load_job(job.id)
+    assert done.attempt == 3 and done.error is not None and done.error["code"] == "trainer_crashed"
+    assert "attempt 3 of 3" in done.error["message"] and "SIGKILL" in done.error["message"]
+    retried = [event for event in _events(job.id) if event.level == "warn" and "crashed" in event.message]
+    assert [event.attempt for event in retried] == [1, 2]
+    time.sleep(2 * stack.settings.heartbeat_seconds)
+    assert load_job(job.id).attempt == 3  # no loop: nothing claims it again

@@ -1,5 +1,8 @@
 """The worker's SQL writes for one job attempt, every one fenced by (job_id, attempt).
 
+Heartbeats are stamped with the database's clock (`database_now()`), and expiry is judged by the same
+clock, so workers on machines whose clocks disagree never see each other's heartbeats as expired early.
+
 A worker claims a queued job with a conditional UPDATE that raises `attempt`; from then on each write
 it makes first updates the job row under the fence `id = :job_id AND attempt = :attempt AND status IN
 (validating_files, running)`. When the reconciler has requeued the job (its heartbeat expired) or
@@ -13,13 +16,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, select, update
+from sqlalchemy import BigInteger, ColumnElement, and_, case, func, select, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import FunctionElement
 
 from backend.db.models import Artifact, Checkpoint, File, Job, JobEvent, Project, TelemetrySample, now
 
 ACTIVE_RUN_STATUSES = ("validating_files", "running")
 RESULT_FILE_PURPOSE = "fine-tune-results"
+
+
+class database_now(FunctionElement[int]):  # noqa: N801 - reads as the SQL function it is
+    """The database server's current time in integer Unix seconds."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(database_now)
+def _database_now_postgresql(element: database_now, compiler: Any, **kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM CURRENT_TIMESTAMP) AS BIGINT)"
+
+
+@compiles(database_now, "sqlite")
+def _database_now_sqlite(element: database_now, compiler: Any, **kw: Any) -> str:
+    return "CAST(strftime('%s', 'now') AS INTEGER)"
 
 
 class StaleAttemptError(RuntimeError):
@@ -46,7 +68,7 @@ def _fence(job_id: str, attempt: int) -> ColumnElement[bool]:
 
 def _fenced_update(session: Session, job_id: str, attempt: int, **values: Any) -> str | None:
     """Update the job row under the fence; return its requested_action, or raise StaleAttemptError."""
-    values.setdefault("heartbeat_at", now())
+    values.setdefault("heartbeat_at", database_now())
     statement = (
         update(Job)
         .where(_fence(job_id, attempt))
@@ -70,7 +92,7 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> ClaimedJob | Non
             status="validating_files",
             attempt=Job.attempt + 1,
             worker=worker,
-            heartbeat_at=timestamp,
+            heartbeat_at=database_now(),
             started_at=func.coalesce(Job.started_at, timestamp),
             error=None,
         )
@@ -241,41 +263,56 @@ def job_context(*, session: Session, job_id: str) -> tuple[Job, Project] | None:
 # The reconciler's writes: each conditional, so any number of reconcilers may run at once.
 
 
-def expired_attempts(*, session: Session, cutoff: int) -> list[tuple[str, int, str | None]]:
-    """(job_id, attempt, requested_action) of claimed jobs whose last heartbeat is older than `cutoff`."""
+def _silent_for(column: Any, seconds: int) -> ColumnElement[bool]:
+    """`column` (a database-clock timestamp) is more than `seconds` old."""
+    return func.coalesce(column, 0) < database_now() - seconds
+
+
+def expired_attempts(*, session: Session, expiry_seconds: int) -> list[tuple[str, int, str | None]]:
+    """(job_id, attempt, requested_action) of claimed jobs with no heartbeat for `expiry_seconds`."""
     rows = session.execute(
         select(Job.id, Job.attempt, Job.requested_action).where(
-            Job.status.in_(ACTIVE_RUN_STATUSES), func.coalesce(Job.heartbeat_at, 0) < cutoff
+            Job.status.in_(ACTIVE_RUN_STATUSES), _silent_for(Job.heartbeat_at, expiry_seconds)
         )
     ).all()
     return [(row[0], int(row[1]), row[2]) for row in rows]
 
 
 def expire_attempt(
-    *, session: Session, job_id: str, attempt: int, cutoff: int, status: str, error: dict[str, Any] | None = None
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    expiry_seconds: int,
+    status: str,
+    error: dict[str, Any] | None = None,
 ) -> bool:
-    """Move an attempt whose heartbeat stopped to `status` (queued, failed, cancelled or paused); False if it lived."""
+    """Move an attempt silent for `expiry_seconds` to `status` (queued, failed, cancelled, paused); False if alive."""
     timestamp = now()
-    values: dict[str, Any] = {"status": status, "worker": None, "heartbeat_at": timestamp, "error": error}
+    values: dict[str, Any] = {"status": status, "worker": None, "heartbeat_at": database_now(), "error": error}
     if status in ("failed", "cancelled"):
         values.update(finished_at=timestamp, requested_action=None, estimated_finish=None)
     elif status == "paused":
         values["requested_action"] = None
     statement = (
         update(Job)
-        .where(_fence(job_id, attempt), func.coalesce(Job.heartbeat_at, 0) < cutoff)
+        .where(_fence(job_id, attempt), _silent_for(Job.heartbeat_at, expiry_seconds))
         .values(**values)
         .execution_options(synchronize_session=False)
     )
     return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
 
 
-def unclaimed_queued_jobs(*, session: Session, cutoff: int, limit: int = 100) -> list[str]:
-    """Queued jobs whose doorbell (creation, requeue or last re-send) rang before `cutoff`, oldest first."""
-    rang_at = func.coalesce(Job.heartbeat_at, Job.created_at)
-    return list(
-        session.scalars(select(Job.id).where(Job.status == "queued", rang_at < cutoff).order_by(Job.seq).limit(limit))
-    )
+def _doorbell_silent_for(seconds: int) -> ColumnElement[bool]:
+    # A queued job's heartbeat_at is when its message was last sent (by a requeue or a re-send); before
+    # that, its creation time.
+    return _silent_for(func.coalesce(Job.heartbeat_at, Job.created_at), seconds)
+
+
+def unclaimed_queued_jobs(*, session: Session, older_than_seconds: int, limit: int = 100) -> list[str]:
+    """Queued jobs whose message was last sent more than `older_than_seconds` ago, oldest first."""
+    query = select(Job.id).where(Job.status == "queued", _doorbell_silent_for(older_than_seconds))
+    return list(session.scalars(query.order_by(Job.seq).limit(limit)))
 
 
 def count_queued_jobs(*, session: Session) -> int:
@@ -283,13 +320,12 @@ def count_queued_jobs(*, session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0)
 
 
-def ring_again(*, session: Session, job_id: str, cutoff: int) -> bool:
+def ring_again(*, session: Session, job_id: str, older_than_seconds: int) -> bool:
     """Note that a queued job's message is sent again now; False when another reconciler just did."""
-    rang_at = func.coalesce(Job.heartbeat_at, Job.created_at)
     statement = (
         update(Job)
-        .where(Job.id == job_id, Job.status == "queued", rang_at < cutoff)
-        .values(heartbeat_at=now())
+        .where(Job.id == job_id, Job.status == "queued", _doorbell_silent_for(older_than_seconds))
+        .values(heartbeat_at=database_now())
         .execution_options(synchronize_session=False)
     )
     return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]

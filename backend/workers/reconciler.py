@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.config import Settings
-from backend.db.models import now
 from backend.db.session import session_scope
 from backend.services import job_runs
 
@@ -58,15 +57,15 @@ def _expired_outcome(attempt: int, action: str | None, max_attempts: int) -> tup
 
 def expire_dead_attempts(settings: Settings, report: ReconcileReport) -> list[str]:
     """Move attempts with an expired heartbeat on; return the ids to send again."""
-    cutoff = now() - settings.heartbeat_expiry_seconds
+    expiry = settings.heartbeat_expiry_seconds
     with session_scope() as session:
-        expired = job_runs.expired_attempts(session=session, cutoff=cutoff)
+        expired = job_runs.expired_attempts(session=session, expiry_seconds=expiry)
     to_send = []
     for job_id, attempt, action in expired:
         status, error = _expired_outcome(attempt, action, settings.max_attempts)
         with session_scope() as session:
             if not job_runs.expire_attempt(
-                session=session, job_id=job_id, attempt=attempt, cutoff=cutoff, status=status, error=error
+                session=session, job_id=job_id, attempt=attempt, expiry_seconds=expiry, status=status, error=error
             ):
                 continue  # it heartbeat in the meantime, or another reconciler got there first
         logger.warning("job %s attempt %s: heartbeat expired; now %s", job_id, attempt, status)
@@ -84,9 +83,9 @@ def resend_lost_messages(settings: Settings, report: ReconcileReport) -> list[st
     """Queued jobs unclaimed for too long whose message may be gone; return the ids to send again."""
     from backend.workers.dispatch import queue_depth
 
-    cutoff = now() - settings.heartbeat_expiry_seconds
+    wait = settings.heartbeat_expiry_seconds
     with session_scope() as session:
-        stale = job_runs.unclaimed_queued_jobs(session=session, cutoff=cutoff)
+        stale = job_runs.unclaimed_queued_jobs(session=session, older_than_seconds=wait)
         if not stale:
             return []
         waiting = job_runs.count_queued_jobs(session=session)
@@ -96,7 +95,7 @@ def resend_lost_messages(settings: Settings, report: ReconcileReport) -> list[st
     to_send = []
     for job_id in stale:
         with session_scope() as session:
-            if job_runs.ring_again(session=session, job_id=job_id, cutoff=cutoff):
+            if job_runs.ring_again(session=session, job_id=job_id, older_than_seconds=wait):
                 to_send.append(job_id)
     report.resent += to_send
     return to_send

@@ -64,7 +64,8 @@ def test_stale_attempt_writes_are_refused(fenced_db: Engine) -> None:
         job_runs.append_event(session=session, job_id=job_id, attempt=1, message="from attempt 1")
     # The reconciler decides attempt 1 is dead (its heartbeat is older than the cutoff) and requeues it.
     with session_scope() as session:
-        assert job_runs.expire_attempt(session=session, job_id=job_id, attempt=1, cutoff=now() + 1, status="queued")
+        assert job_runs.expire_attempt(session=session, job_id=job_id, attempt=1, expiry_seconds=-1,
+                                         status="queued")
     live = _claim(job_id, "w2")
     assert live is not None and live.attempt == 2
 
@@ -130,8 +131,8 @@ def test_expire_spares_a_live_heartbeat(fenced_db: Engine) -> None:
     job_id = _queued_job()
     assert _claim(job_id) is not None
     with session_scope() as session:
-        # The cutoff is in the past: the heartbeat just written is newer, so the attempt is alive.
-        assert not job_runs.expire_attempt(session=session, job_id=job_id, attempt=1, cutoff=now() - 60,
+        # The heartbeat just written is younger than the expiry, so the attempt is alive.
+        assert not job_runs.expire_attempt(session=session, job_id=job_id, attempt=1, expiry_seconds=60,
                                            status="queued")
     with session_scope() as session:
         assert session.scalar(select(Job.status).where(Job.id == job_id)) == "validating_files"

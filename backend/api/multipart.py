@@ -6,11 +6,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from backend.services.errors import InvalidRequest
+from backend.services.errors import InvalidRequest, TooLarge
 
 MAX_FIELD_BYTES = 64 * 1024
+# An upload form has two parts (purpose, file) and a few optional ones: thousands of parts are an attack
+# on memory (each text field is kept) and on time, so the form is refused long before that.
+MAX_PARTS = 16
+MAX_HEADER_BYTES = 16 * 1024
 
 
 @dataclass
@@ -47,9 +51,17 @@ async def read_form(
     content_type: str | None,
     file_field: str,
     open_file: Callable[[], Callable[[bytes], Awaitable[None]]],
+    max_body_bytes: int,
 ) -> StreamedForm:
-    """Parse a multipart body: `file_field`'s bytes go to the writer `open_file()` returns, text fields are kept."""
+    """Parse a multipart body: `file_field`'s bytes go to the writer `open_file()` returns, text fields are kept.
+
+    Memory stays bounded whatever arrives: at most MAX_PARTS parts, MAX_HEADER_BYTES of headers and
+    MAX_FIELD_BYTES of text per part, `max_body_bytes` in all (TooLarge past it, counted as the bytes come).
+    A body that ends before its closing boundary (a truncated upload) is refused, never stored.
+    """
     form = StreamedForm()
+    parts = 0
+    received = 0
     events: list[tuple[str, bytes]] = []
     callbacks = {
         "on_part_begin": lambda: events.append(("begin", b"")),
@@ -64,17 +76,25 @@ async def read_form(
     part = _Part()
     writer: Callable[[bytes], Awaitable[None]] | None = None
     async for chunk in chunks:
+        received += len(chunk)
+        if received > max_body_bytes:
+            raise TooLarge(f"The request body is larger than the limit of {max_body_bytes} bytes.")
         try:
             parser.write(chunk)
         except FormParserError as exc:
             raise InvalidRequest(f"Malformed multipart body: {exc}", param="file") from None
         for kind, data in events:
             if kind == "begin":
+                parts += 1
+                if parts > MAX_PARTS:
+                    raise InvalidRequest(f"The form has more than {MAX_PARTS} parts.", param=None)
                 part, writer = _Part(), None
-            elif kind == "hfield":
-                part.header_field += data
-            elif kind == "hvalue":
-                part.header_value += data
+            elif kind in ("hfield", "hvalue"):
+                (part.header_field if kind == "hfield" else part.header_value).extend(data)
+                if sum(len(k) + len(v) for k, v in part.headers) + len(part.header_field) + len(
+                    part.header_value
+                ) > MAX_HEADER_BYTES:
+                    raise InvalidRequest("A form part's headers are too long.", param="file")
             elif kind == "hend":
                 part.headers.append((bytes(part.header_field).lower(), bytes(part.header_value)))
                 part.header_field.clear()
@@ -94,6 +114,9 @@ async def read_form(
                 form.fields[part.name] = part.value.decode("utf-8", errors="replace")
         events.clear()
     parser.finalize()
+    if parser.state != MultipartState.END:
+        raise InvalidRequest("The multipart body ended before its closing boundary (a truncated upload).",
+                             param="file")
     return form
 
 

@@ -100,7 +100,7 @@ def finish_upload(
     row = File(
         id=pending.file_id,
         project_id=pending.project_id,
-        filename=(filename or "upload.jsonl")[:512],
+        filename=_printable(filename)[:512] or "upload.jsonl",
         purpose=purpose,
         bytes=pending.sink.bytes,
         sha256=pending.sink.sha256,
@@ -112,6 +112,11 @@ def finish_upload(
     session.add(row)
     session.flush()
     return row
+
+
+def _printable(filename: str | None) -> str:
+    """A filename as a label: control characters (NUL included, which PostgreSQL cannot store) dropped."""
+    return "".join(ch for ch in filename or "" if ch.isprintable())
 
 
 def store_file_from_path(

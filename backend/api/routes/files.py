@@ -77,6 +77,7 @@ async def upload_file(request: Request, session: SessionDep, settings: SettingsD
             content_type=request.headers.get("content-type"),
             file_field="file",
             open_file=lambda: write,
+            max_body_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
         )
         await flush()
         if not form.file_seen:

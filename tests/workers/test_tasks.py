@@ -123,37 +123,36 @@ def test_job_succeeds_with_adapter_archive(stack: WorkerStack) -> None:
     assert load_job(job.id).fine_tuned_model == f"ft:tiny-gpt2:demo:{job.id}"
 
 
+def _metric_steps(job_id: str, attempt: int) -> list[int]:
+    return [int(event.data["step"]) for event in _events(job_id)
+            if event.attempt == attempt and event.type == "metrics" and event.data]
+
+
 @postgres
-def test_cancel_while_running_stops_the_trainer(stack: WorkerStack) -> None:
+def test_pause_resume_continues_from_the_checkpoint_then_cancel_stops_the_trainer(stack: WorkerStack) -> None:
     job = create_job(stack.settings, max_steps=2000)
-    wait_for(lambda: (load_job(job.id).progress_step or 0) >= 2, JOB_TIMEOUT, "training to start", stack)
-    pid = _trainer_pid(job.id, 1)
-    assert pid is not None and not _gone(pid)
-    _request(job.id, "cancel", stack)
-    assert _wait_finished(stack, job.id, timeout=30) == "cancelled"
-    assert wait_for(lambda: _gone(pid), 10, "the trainer process to exit")
-    done = load_job(job.id)
-    assert done.finished_at is not None and done.result_files == [] and (done.progress_step or 0) < 2000
-
-
-@postgres
-def test_pause_then_resume_continues_from_the_checkpoint(stack: WorkerStack) -> None:
-    job = create_job(stack.settings, max_steps=60)
     wait_for(lambda: (load_job(job.id).progress_step or 0) >= 3, JOB_TIMEOUT, "a few steps", stack)
     _request(job.id, "pause", stack)
     assert _wait_finished(stack, job.id, timeout=30) == "paused"
     saved = [checkpoint.step_number for checkpoint in _checkpoints(job.id) if checkpoint.attempt == 1]
-    assert saved and 3 <= saved[-1] < 60, saved
-    pid = _trainer_pid(job.id, 1)
-    assert pid is not None and _gone(pid)
+    assert len(saved) == 1 and saved[0] >= 3, saved  # the pause wrote exactly one checkpoint, where it stopped
+    first_trainer = _trainer_pid(job.id, 1)
+    assert first_trainer is not None and _gone(first_trainer)
+    assert load_job(job.id).finished_at is None  # paused is not finished
 
     _request(job.id, "resume", stack)
-    assert _wait_finished(stack, job.id) == "succeeded", stack.log_tail()
-    assert_succeeded_with_adapter(stack, job.id, steps=60, attempt=2)
-    second = [event.data["step"] for event in _events(job.id)
-              if event.attempt == 2 and event.type == "metrics" and event.data]
-    assert second[0] == saved[-1] + 1, second[:3]  # not step 1: it resumed where the pause checkpointed
+    wait_for(lambda: len(_metric_steps(job.id, 2)) >= 2, JOB_TIMEOUT, "the resumed attempt to train", stack)
+    assert _metric_steps(job.id, 2)[0] == saved[0] + 1  # not step 1: it continued from the pause's checkpoint
     assert any(event.attempt == 2 and event.message.startswith("Resumed from") for event in _events(job.id))
+    trainer = _trainer_pid(job.id, 2)
+    assert trainer is not None and not _gone(trainer)
+
+    _request(job.id, "cancel", stack)
+    assert _wait_finished(stack, job.id, timeout=30) == "cancelled"
+    assert wait_for(lambda: _gone(trainer), 10, "the trainer process to exit")
+    done = load_job(job.id)
+    assert done.attempt == 2 and done.finished_at is not None and done.result_files == []
+    assert (done.progress_step or 0) < 2000
 
 
 @both
@@ -176,7 +175,7 @@ def test_submit_to_running_latency(stack: WorkerStack) -> None:
     Each job is cancelled as soon as it runs: its trainer is still importing, so this costs little CPU.
     """
     latencies = []
-    for _ in range(4):
+    for _ in range(3):
         started = time.monotonic()
         job_id = create_job(stack.settings).id
         wait_for(lambda: job_status(job_id) == "running", 30, "running", stack, interval=0.002)  # noqa: B023

@@ -38,7 +38,10 @@ def estimate_job(
         )
     resolved = resolve_training(hyperparameters=hyperparameters, method=method, training=training, seed=seed)
     options = resolved.options.model_copy(update={"model": str(ref.path)})
-    config = load_model_config(str(ref.path))
+    try:
+        config = load_model_config(str(ref.path))
+    except (OSError, ValueError, KeyError) as error:  # a folder transformers cannot read is the model's fault
+        raise InvalidRequest(f"The config of model {ref.name!r} cannot be read: {error}", param="model") from None
     plan = plan_memory(options, config, budget_bytes=budget_bytes or default_budget_bytes())
     answer: dict[str, Any] = plan.to_dict()
     answer.setdefault("object", "fine_tuning.estimate")

@@ -65,6 +65,8 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
     for key, value in metadata.items():
         if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
             raise InvalidRequest("metadata keys are strings up to 64 characters, values up to 512.", param="metadata")
+        if "\x00" in key or "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise InvalidRequest("metadata keys and values must not contain NUL characters.", param="metadata")
 
 
 def active_job_count(*, session: Session, project: Project) -> int:

@@ -15,6 +15,16 @@ from backend.training.options import API_TRAINING_FIELDS, TrainingOptions
 HYPERPARAMETER_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 # The API's defaults are the safe ones: LoRA on (a full fine-tune must be asked for).
 API_DEFAULTS: dict[str, Any] = {"use_lora": True}
+# Upper bounds on what a client may ask (the trainer's own checks give the lower ones): values past them are
+# typos or attacks that would only fail, or hold a GPU for ever, hours after the job was accepted.
+API_LIMITS: dict[str, float] = {
+    "lora_r": 1024, "lora_alpha": 65536, "epochs": 1000, "per_device_train_batch_size": 4096,
+    "gradient_accumulation_steps": 65536, "max_steps": 10**8, "max_seq_length": 1 << 20, "save_steps": 10**8,
+    "logging_steps": 10**8, "weight_decay": 10.0, "seed": 2**31 - 1,
+}
+MAX_SEED = 2**31 - 1
+MAX_TARGET_MODULES = 64
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_.*-]{1,128}$")
 
 
 @dataclass
@@ -75,10 +85,44 @@ def _check_training_object(training: Any) -> dict[str, Any]:
         return {}
     if not isinstance(training, dict):
         raise InvalidRequest("training must be an object.", param="training")
-    for key in training:
+    for key, value in training.items():
         if key not in API_TRAINING_FIELDS:
             raise InvalidRequest(f"Unknown training option: {key}", param=f"training.{key}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(f"training.{key} must be a finite number (got {value}).", param=f"training.{key}")
+    _check_target_modules(training.get("lora_target_modules"))
     return dict(training)
+
+
+def _check_target_modules(modules: Any) -> None:
+    """Module names, not paths or free text; `null` (omitted) lets the architecture choose."""
+    if not isinstance(modules, list):
+        return  # null, or a wrong type the options model refuses
+    if not 1 <= len(modules) <= MAX_TARGET_MODULES or not all(
+        isinstance(name, str) and _MODULE_NAME.fullmatch(name) for name in modules
+    ):
+        raise InvalidRequest(
+            f"training.lora_target_modules must list 1 to {MAX_TARGET_MODULES} module names "
+            "(letters, digits, '_', '.', '-', '*'), or be omitted.",
+            param="training.lora_target_modules",
+        )
+
+
+def _check_limits(options: TrainingOptions, requested: dict[str, Any], prefix: str) -> None:
+    """Refuse values past API_LIMITS, naming the field the client sent (a hyperparameter or the training key)."""
+    from_hyperparameters = {
+        "epochs": f"{prefix}.n_epochs",
+        "per_device_train_batch_size": f"{prefix}.batch_size",
+        "gradient_accumulation_steps": f"{prefix}.batch_size",
+        "seed": "seed",
+    }
+    for name, limit in API_LIMITS.items():
+        value = getattr(options, name)
+        if value is None or value <= limit and not (name == "seed" and value < 0):
+            continue
+        param = f"training.{name}" if name in requested else from_hyperparameters.get(name, f"training.{name}")
+        low = 0 if name in ("seed", "weight_decay") else 1
+        raise InvalidRequest(f"{param} must be between {low} and {limit:g} (got {value}).", param=param)
 
 
 def _agree(training: dict[str, Any], key: str, value: Any, param: str) -> None:
@@ -89,14 +133,18 @@ def _agree(training: dict[str, Any], key: str, value: Any, param: str) -> None:
         )
 
 
-def _build_options(fields: dict[str, Any]) -> TrainingOptions:
+def _build_options(fields: dict[str, Any], *, param: str | None = None, sent: Any = ()) -> TrainingOptions:
     try:
         return TrainingOptions.model_validate(fields, strict=True)  # "8" is not a number here
     except ValidationError as exc:
+        if param is not None:  # a value derived from what the client sent under `param`
+            raise InvalidRequest(f"{param}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}",
+                                 param=param) from None
         error = exc.errors()[0]
         location = [str(part) for part in error["loc"]]
-        named = re.search(r"--(\w+)", error["msg"])
-        field_name = location[0] if location else (named.group(1) if named else None)
+        # A contradiction names several flags: name the one the client sent (not a default it never saw).
+        named = re.findall(r"--(\w+)", error["msg"])
+        field_name = location[0] if location else next((n for n in named if n in sent), named[0] if named else None)
         message = error["msg"].removeprefix("Value error, ")
         if location:
             message = f"training.{'.'.join(location)}: {message}"
@@ -135,7 +183,8 @@ def resolve_training(
         _agree(requested, "seed", seed, "seed")
         fields["seed"] = seed
     fields.update({key: value for key, value in requested.items() if value is not None or key == "use_8bit"})
-    options = _build_options(fields)
+    options = _build_options(fields, sent=requested)
+    _check_limits(options, requested, prefix)
     multiplier = _hyperparameter(values, "learning_rate_multiplier", prefix, integer=False)
     default_rate = options.model_copy(update={"learning_rate": None}).resolved_learning_rate
     if multiplier is not None:
@@ -144,7 +193,9 @@ def resolve_training(
                 "learning_rate_multiplier contradicts training.learning_rate: send one of them.",
                 param=f"{prefix}.learning_rate_multiplier",
             )
-        options = _build_options({**fields, "learning_rate": default_rate * multiplier})
+        options = _build_options(
+            {**fields, "learning_rate": default_rate * multiplier}, param=f"{prefix}.learning_rate_multiplier"
+        )
     shown = {
         "n_epochs": int(options.epochs) if float(options.epochs).is_integer() else options.epochs,
         "batch_size": options.effective_batch_size,

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import torch
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,6 +94,12 @@ def test_fine_tune_end_to_end(stack: Stack, client: OpenAI, training_jsonl: Path
     after = logits_of(tuned, tokenizer)
     assert not torch.allclose(before, after), "the adapter does not change the output"
 
+    other = stack.client(stack.safetrain("keys", "create", "--project", "p2").strip())
+    for fetch in (lambda: other.fine_tuning.jobs.retrieve(job_id), lambda: other.files.retrieve(job.result_files[0])):
+        with pytest.raises(NotFoundError):
+            fetch()
+    assert not other.fine_tuning.jobs.list().data
+
 
 def test_plan_that_cannot_fit_fails_early_with_out_of_memory(client: OpenAI, training_jsonl: Path) -> None:
     job_id = submit(client, upload(client, training_jsonl), {"use_lora": True, "max_steps": 2}, model="huge-llama")
@@ -143,7 +150,11 @@ def test_cancel_queued_pause_resume_cancel_running(stack: Stack, client: OpenAI,
 
 def test_stops_cleanly_and_keeps_its_key(stack: Stack, client: OpenAI) -> None:
     """Last in the module: SIGTERM stops every process of the stack; a later `up` would print no new key."""
-    assert client.models.list().data
+    first_page = client.fine_tuning.jobs.list(limit=2)
+    assert first_page.has_more
+    every_job = [job.id for job in client.fine_tuning.jobs.list(limit=2)]  # the SDK follows `after` cursors
+    assert len(every_job) == len(set(every_job)) >= 4
+    assert every_job[:2] == [job.id for job in first_page.data]
     tree = stack.descendants()
     # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done; `safetrain up` exits 0.
     clean = {0, -signal.SIGTERM} if stack.name != "embedded" else {0}

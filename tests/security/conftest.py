@@ -94,3 +94,38 @@ def unchanged(snapshot: Callable[[], Stored], healthy: Callable[[], None]) -> Ca
         healthy()
 
     return check
+
+
+@dataclass(frozen=True)
+class Owned:
+    """Objects of one project: a dataset, a job with an event, a checkpoint and a telemetry sample, and the
+    job's fine-tuned model name."""
+
+    file_id: str
+    job_id: str
+    model_id: str
+
+
+def seed_objects(client: TestClient, key: str, session: Session, *, status: str = "queued") -> Owned:
+    """Upload a dataset and create a job as `key`'s project, then write what a worker would (event, checkpoint,
+    telemetry, a fine-tuned model name) and set the job's status."""
+    from backend.db.models import Checkpoint, Job, JobEvent, TelemetrySample
+
+    response = client.post("/v1/files", headers=bearer(key), files={"file": ("t.jsonl", GOOD_CHAT)},
+                           data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    file_id = response.json()["id"]
+    response = client.post("/v1/fine_tuning/jobs", headers=bearer(key),
+                           json={"model": "tiny-gpt2", "training_file": file_id})
+    assert response.status_code == 200, response.text
+    job_id = response.json()["id"]
+    job = session.scalars(select(Job).where(Job.id == job_id)).one()
+    model_id = f"ft:tiny-gpt2:seeded:{job_id}"
+    job.status, job.fine_tuned_model = status, model_id
+    session.add(JobEvent(job_id=job_id, attempt=1, type="metrics", message="step 1",
+                         data={"step": 1, "train_loss": 1.5, "learning_rate": 1e-4}))
+    session.add(Checkpoint(job_id=job_id, attempt=1, step_number=1, path=f"jobs/{job_id}/checkpoint-1",
+                           metrics={"train_loss": 1.5}))
+    session.add(TelemetrySample(job_id=job_id, attempt=1, step=1, sample={"rss_bytes": 1}))
+    session.commit()
+    return Owned(file_id=file_id, job_id=job_id, model_id=model_id)

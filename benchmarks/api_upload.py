@@ -28,18 +28,16 @@ BOUNDARY = "safetrain-benchmark-boundary"
 MIB = 1024**2
 
 
-def line_block(target_bytes: int = MIB) -> tuple[bytes, int]:
-    """About a MiB of distinct, valid chat lines; (block, number of lines)."""
+def line_block(line_bytes: int = 700, target_bytes: int = MIB) -> tuple[bytes, int]:
+    """About a MiB of distinct, valid chat lines of about `line_bytes` each; (block, number of lines)."""
+    filler = max(1, line_bytes // 60)
     lines: list[bytes] = []
     size = 0
     while size < target_bytes:
         n = len(lines)
-        row = {
-            "messages": [
-                {"role": "user", "content": f"Question {n}: what is {n} plus {n}? " + "Explain it step by step. " * 12},
-                {"role": "assistant", "content": f"{n} plus {n} is {2 * n}. " + "Adding a number doubles it. " * 8},
-            ]
-        }
+        question = f"Question {n}: what is {n} plus {n}? " + "Explain it step by step. " * filler
+        answer = f"{n} plus {n} is {2 * n}. " + "Adding a number doubles it. " * filler
+        row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
         line = json.dumps(row).encode() + b"\n"
         lines.append(line)
         size += len(line)
@@ -118,9 +116,10 @@ class PeakRss:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=1.0, help="upload size in GiB")
+    parser.add_argument("--line-bytes", type=int, default=700, help="about how long each chat line is")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    block, lines_per_block = line_block()
+    block, lines_per_block = line_block(args.line_bytes)
     load_before = os.getloadavg()[0]
     repeats = max(1, round(args.gib * 1024**3 / len(block)))
     with tempfile.TemporaryDirectory(prefix="safetrain-upload-") as tmp:
@@ -148,7 +147,8 @@ def main() -> int:
         and uploaded.get("n_examples") == examples and uploaded.get("bytes") == size
     )
     lines = [
-        f"- upload: {size / 1024**3:.2f} GiB ({size} bytes, {examples} chat lines), streamed from a generator",
+        f"- upload: {size / 1024**3:.2f} GiB ({size} bytes, {examples} chat lines of {size // examples} bytes), "
+        "streamed from a generator",
         f"- answer: status {uploaded.get('status')}, n_examples {uploaded.get('n_examples')}, "
         f"bytes {uploaded.get('bytes')}",
         f"- {seconds:.1f} s: {throughput:.0f} MB/s with validation (target >= 100); load average before "

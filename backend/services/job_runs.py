@@ -24,6 +24,9 @@ from sqlalchemy.sql.expression import FunctionElement
 from backend.db.models import Artifact, Checkpoint, File, Job, JobEvent, Project, TelemetrySample, now
 
 ACTIVE_RUN_STATUSES = ("validating_files", "running")
+# The message of every event that records an attempt lost to a crash or a dead worker: counting them
+# gives the job's losses, which max_attempts caps (pauses and resumes raise `attempt` but lose nothing).
+LOST_ATTEMPT_PREFIX = "Attempt lost: "
 RESULT_FILE_PURPOSE = "fine-tune-results"
 
 
@@ -245,6 +248,21 @@ def finish(
     if trained_tokens is not None:
         values["trained_tokens"] = trained_tokens
     _fenced_update(session, job_id, attempt, **values)
+
+
+def lost_attempts(*, session: Session, job_id: str) -> int:
+    """How many of the job's attempts were lost to a crashed trainer or a dead worker."""
+    query = select(func.count()).select_from(JobEvent).where(
+        JobEvent.job_id == job_id, JobEvent.message.startswith(LOST_ATTEMPT_PREFIX)
+    )
+    return int(session.scalar(query) or 0)
+
+
+def record_lost_attempt(*, session: Session, job_id: str, attempt: int, reason: str) -> None:
+    """Note that `attempt` was lost (a warn event); the reconciler's write, or the fenced crash path's."""
+    session.add(JobEvent(job_id=job_id, attempt=attempt, level="warn", type="message",
+                         message=LOST_ATTEMPT_PREFIX + reason))
+    session.flush()
 
 
 def requeue(*, session: Session, job_id: str, attempt: int) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from backend.config import Settings
 from backend.services import job_runs
 from backend.services.storage import hash_file
@@ -146,18 +148,28 @@ class OutcomeRecorder:
         return "succeeded"
 
     def crashed(self, outcome: TrainerOutcome) -> str:
-        """A trainer that died without a result: retry as the next attempt, or fail at the cap."""
-        how = _exit_description(outcome.returncode)
+        """A trainer that died without a result: retry as the next attempt, or fail once max_attempts are lost."""
+        job_id, attempt, cap = self.identity.job_id, self.recorder.attempt, self.settings.max_attempts
+        result = outcome.result or {}
+        if result.get("status") == "stopped":  # SIGTERM from outside the worker: it checkpointed first
+            how = f"stopped from outside the worker at step {result.get('steps', 0)}"
+        else:
+            how = f"the trainer crashed ({_exit_description(outcome.returncode)})"
         tail = outcome.log_tail()[-600:]
-        attempt, cap = self.recorder.attempt, self.settings.max_attempts
-        if attempt < cap:
-            self.recorder.message(f"The trainer crashed ({how}) on attempt {attempt}; retrying from the last "
-                                  "complete checkpoint", level="warn", data={"log_tail": tail})
-            self.recorder.write(
-                lambda s: job_runs.requeue(session=s, job_id=self.identity.job_id, attempt=attempt)
-            )
+
+        def lose(session: Session) -> int:
+            job_runs.heartbeat(session=session, job_id=job_id, attempt=attempt)  # the fence, first
+            job_runs.record_lost_attempt(session=session, job_id=job_id, attempt=attempt,
+                                         reason=f"{how} on attempt {attempt}")
+            return job_runs.lost_attempts(session=session, job_id=job_id)
+
+        lost = self.recorder.write(lose)
+        if lost < cap:
+            self.recorder.message(f"Retrying from the last complete checkpoint ({lost} of {cap} attempts lost)",
+                                  level="warn", data={"log_tail": tail} if tail else None)
+            self.recorder.write(lambda s: job_runs.requeue(session=s, job_id=job_id, attempt=attempt))
             return "requeued"
-        message = f"The trainer crashed on attempt {attempt} of {cap} ({how}); giving up."
+        message = f"Gave up after {lost} lost attempts (max_attempts {cap}); last: {how} on attempt {attempt}."
         if tail:
             message += f" Last output: {tail}"
         self._finish("failed", error=_error("trainer_crashed", message))

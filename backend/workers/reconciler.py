@@ -40,34 +40,46 @@ class ReconcileReport:
     resent: list[str] = field(default_factory=list)
 
 
-def _expired_outcome(attempt: int, action: str | None, max_attempts: int) -> tuple[str, dict[str, Any] | None]:
-    """The status (and error) a job whose worker vanished moves to."""
+def _expired_outcome(lost: int, action: str | None, max_attempts: int) -> tuple[str, dict[str, Any] | None]:
+    """The status (and error) a job whose worker vanished moves to; `lost` counts this loss too."""
     if action == "cancel":
         return "cancelled", None
     if action == "pause":
         return "paused", None
-    if attempt >= max_attempts:
+    if lost >= max_attempts:
         message = (
-            f"The worker running this job stopped answering (no heartbeat) on attempt {attempt} of {max_attempts}; "
-            "giving up."
+            f"Gave up after {lost} lost attempts (max_attempts {max_attempts}); last: the worker stopped "
+            "answering (no heartbeat)."
         )
         return "failed", {"code": "worker_lost", "message": message, "param": None}
     return "queued", None
 
 
-def expire_dead_attempts(settings: Settings, report: ReconcileReport) -> list[str]:
-    """Move attempts with an expired heartbeat on; return the ids to send again."""
+def _expire(settings: Settings, job_id: str, attempt: int, action: str | None) -> str | None:
+    """Expire one silent attempt in one transaction; the status it moved to, or None when it was alive."""
     expiry = settings.heartbeat_expiry_seconds
     with session_scope() as session:
-        expired = job_runs.expired_attempts(session=session, expiry_seconds=expiry)
+        lost = job_runs.lost_attempts(session=session, job_id=job_id) + 1
+        status, error = _expired_outcome(lost, action, settings.max_attempts)
+        if not job_runs.expire_attempt(
+            session=session, job_id=job_id, attempt=attempt, expiry_seconds=expiry, status=status, error=error
+        ):
+            return None  # it heartbeat in the meantime, or another reconciler got there first
+        if status in ("queued", "failed"):
+            reason = f"the worker running attempt {attempt} stopped answering (no heartbeat for {expiry} s)"
+            job_runs.record_lost_attempt(session=session, job_id=job_id, attempt=attempt, reason=reason)
+    return status
+
+
+def expire_dead_attempts(settings: Settings, report: ReconcileReport) -> list[str]:
+    """Move attempts with an expired heartbeat on; return the ids to send again."""
+    with session_scope() as session:
+        expired = job_runs.expired_attempts(session=session, expiry_seconds=settings.heartbeat_expiry_seconds)
     to_send = []
     for job_id, attempt, action in expired:
-        status, error = _expired_outcome(attempt, action, settings.max_attempts)
-        with session_scope() as session:
-            if not job_runs.expire_attempt(
-                session=session, job_id=job_id, attempt=attempt, expiry_seconds=expiry, status=status, error=error
-            ):
-                continue  # it heartbeat in the meantime, or another reconciler got there first
+        status = _expire(settings, job_id, attempt, action)
+        if status is None:
+            continue
         logger.warning("job %s attempt %s: heartbeat expired; now %s", job_id, attempt, status)
         if status == "queued":
             report.requeued.append(job_id)

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select
 from backend.config import Settings, get_settings
 from backend.db.models import Job, JobEvent, Project, now
 from backend.db.session import session_scope, set_engine
+from backend.services import job_runs
 from backend.workers.celery_app import QUEUE
 from backend.workers.reconciler import reconcile_once
 from tests.workers.conftest import WorkerStack, create_job, wait_for
@@ -69,24 +70,39 @@ def _queued_messages() -> list[str]:
     return [arg[0] for arg in args]
 
 
+def _lost_before(job_id: str, attempts: list[int]) -> None:
+    with session_scope() as session:
+        for attempt in attempts:
+            job_runs.record_lost_attempt(session=session, job_id=job_id, attempt=attempt, reason="test")
+
+
 def test_dead_attempts_requeued_or_failed_at_the_cap(reconciler_env: Settings) -> None:
     old = now() - 100
     dead = _job(status="running", attempt=1, heartbeat_at=old, worker="gone:1")
     last_try = _job(status="running", attempt=3, heartbeat_at=old, worker="gone:2")
+    _lost_before(last_try, [1, 2])
+    resumed_often = _job(status="running", attempt=5, heartbeat_at=old)  # paused and resumed: nothing lost
     cancelling = _job(status="running", attempt=1, heartbeat_at=old, requested_action="cancel")
     alive = _job(status="running", attempt=1, heartbeat_at=now(), worker="here:1")
 
     report = reconcile_once(reconciler_env)
 
-    assert report.requeued == [dead] and report.failed == [last_try] and report.stopped == [cancelling]
+    assert sorted(report.requeued) == sorted([dead, resumed_often])
+    assert report.failed == [last_try] and report.stopped == [cancelling]
     with session_scope() as session:
         jobs = {job.id: job for job in session.scalars(select(Job))}
     assert (jobs[dead].status, jobs[dead].attempt, jobs[dead].worker) == ("queued", 1, None)
     assert jobs[last_try].status == "failed" and jobs[last_try].error is not None
-    assert jobs[last_try].error["code"] == "worker_lost" and "attempt 3 of 3" in jobs[last_try].error["message"]
+    assert jobs[last_try].error["code"] == "worker_lost"
+    assert "after 3 lost attempts" in jobs[last_try].error["message"]
+    assert jobs[resumed_often].status == "queued"
     assert jobs[cancelling].status == "cancelled" and jobs[cancelling].finished_at is not None
     assert jobs[alive].status == "running"
-    assert _queued_messages() == [dead]  # the requeued job's message is on the broker; nothing else
+    with session_scope() as session:
+        assert job_runs.lost_attempts(session=session, job_id=dead) == 1
+        assert job_runs.lost_attempts(session=session, job_id=cancelling) == 0
+    # The requeued jobs' messages are on the broker, and nothing else.
+    assert sorted(_queued_messages()) == sorted([dead, resumed_often])
     assert reconcile_once(reconciler_env).requeued == []  # a second pass finds nothing to do
 
 

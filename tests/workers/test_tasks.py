@@ -197,8 +197,9 @@ def test_trainer_that_dies_every_time_fails_at_the_retry_cap(stack: WorkerStack)
     assert _wait_finished(stack, job.id, timeout=60) == "failed"
     done = load_job(job.id)
     assert done.attempt == 3 and done.error is not None and done.error["code"] == "trainer_crashed"
-    assert "attempt 3 of 3" in done.error["message"] and "SIGKILL" in done.error["message"]
-    retried = [event for event in _events(job.id) if event.level == "warn" and "crashed" in event.message]
-    assert [event.attempt for event in retried] == [1, 2]
+    assert "after 3 lost attempts" in done.error["message"] and "SIGKILL" in done.error["message"]
+    events = _events(job.id)
+    assert [event.attempt for event in events if event.message.startswith("Attempt lost: ")] == [1, 2, 3]
+    assert [event.attempt for event in events if event.message.startswith("Retrying")] == [1, 2]
     time.sleep(2 * stack.settings.heartbeat_seconds)
     assert load_job(job.id).attempt == 3  # no loop: nothing claims it again

@@ -73,16 +73,18 @@ def training_options(setting: dict[str, Any], folder: str, *, batch: int, seq: i
     """The TrainingOptions of one benchmark setting."""
     from backend.training.options import TrainingOptions
 
-    return TrainingOptions(
-        model=folder,
-        use_lora=setting["use_lora"],
-        use_8bit=setting["use_8bit"],
-        use_4bit=setting["use_4bit"],
-        gradient_checkpointing=setting["gradient_checkpointing"],
-        per_device_train_batch_size=batch,
-        max_seq_length=seq,
-        bf16=setting.get("bf16", False),
-        fp16=setting.get("fp16", False),
+    return TrainingOptions.model_validate(
+        {
+            "model": folder,
+            "use_lora": setting["use_lora"],
+            "use_8bit": setting["use_8bit"],
+            "use_4bit": setting["use_4bit"],
+            "gradient_checkpointing": setting["gradient_checkpointing"],
+            "per_device_train_batch_size": batch,
+            "max_seq_length": seq,
+            "bf16": setting.get("bf16", False),
+            "fp16": setting.get("fp16", False),
+        }
     )
 
 

@@ -20,8 +20,6 @@ Recomputation in Large Transformer Models"), adapted to what transformers + peft
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,15 +145,21 @@ def load_model_config(model: str, *, trust_remote_code: bool = False) -> Pretrai
         ) from error
 
 
+_SHAPES: dict[str, ModelShape] = {}
+
+
 def model_shape(config: PretrainedConfig) -> ModelShape:
-    """Count parameters and linear layers on the meta device (cached per config)."""
-    return _model_shape_from_json(config.to_json_string(use_diff=False))
+    """Count parameters and linear layers on the meta device (cached per config: plans re-estimate often)."""
+    key = config.to_json_string(use_diff=False)
+    if key not in _SHAPES:
+        if len(_SHAPES) >= 64:
+            _SHAPES.clear()
+        _SHAPES[key] = _measure_shape(config)
+    return _SHAPES[key]
 
 
-@functools.lru_cache(maxsize=32)
-def _model_shape_from_json(config_json: str) -> ModelShape:
-    config = AutoConfig.for_model(**json.loads(config_json))
-    with torch.device("meta"):
+def _measure_shape(config: PretrainedConfig) -> ModelShape:
+    with torch.device("meta"):  # shapes only: no memory is allocated and nothing is read from disk
         model = AutoModelForCausalLM.from_config(config)
     text = model.config.get_text_config()
     hidden = text.hidden_size

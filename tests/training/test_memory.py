@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
@@ -23,11 +24,11 @@ from backend.training.memory import (
 )
 from backend.training.options import TrainingOptions
 
-LLAMA_7B = {
+LLAMA_7B: dict[str, Any] = {
     "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
     "num_attention_heads": 32, "vocab_size": 32000,
 }
-LLAMA_13B = {
+LLAMA_13B: dict[str, Any] = {
     "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
     "num_attention_heads": 40, "vocab_size": 32000,
 }

@@ -79,6 +79,22 @@ def deepspeed_config(preset: str) -> dict[str, Any]:
     return config
 
 
+def deepspeed_run_config(
+    preset: str, *, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int, clipping: float = 1.0
+) -> dict[str, Any]:
+    """The preset's config with the batch sizes and clipping of this run filled in.
+
+    The trainer keeps its own data order instead of handing Accelerate a DataLoader, so the values Accelerate
+    would read off one are set here; precision and bucket sizes stay "auto" for `accelerator.prepare`.
+    """
+    config = deepspeed_config(preset)
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = gradient_accumulation_steps
+    config["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * world_size
+    config["gradient_clipping"] = clipping
+    return config
+
+
 def write_deepspeed_config(preset: str, folder: str | Path) -> Path:
     """Write the preset's config as `deepspeed_<preset>.json` in `folder`; return its path."""
     target = Path(folder)

@@ -130,11 +130,19 @@ def _is_peft_model(model: Any) -> bool:
     return isinstance(getattr(model, "peft_config", None), dict) and hasattr(model, "get_base_model")
 
 
-def save_adapter(model: Any, tokenizer: Any, output_dir: str | Path, *, base_folder: str | Path | None = None) -> Path:
+def save_adapter(
+    model: Any,
+    tokenizer: Any,
+    output_dir: str | Path,
+    *,
+    base_folder: str | Path | None = None,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
     """Save the LoRA adapter (or, for a full fine-tune, the whole model) and the tokenizer to `output_dir`.
 
     Refuses an `output_dir` that is, or is inside, the base model's folder (taken from the model, or
     `base_folder` when given). Files are written to a temporary folder first and moved in when complete.
+    `state_dict`: the weights to write instead of the model's own (gathered from DeepSpeed ZeRO-3 shards).
     """
     for base in (base_folder, _model_base_folder(model)):
         assert_not_base_folder(output_dir, base)
@@ -143,10 +151,10 @@ def save_adapter(model: Any, tokenizer: Any, output_dir: str | Path, *, base_fol
     staging = Path(tempfile.mkdtemp(dir=output, prefix=".saving-"))
     try:
         if _is_peft_model(model):
-            model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
             (staging / "README.md").unlink(missing_ok=True)  # peft's model card: boilerplate with local paths
         else:
-            _save_full_model(model, staging)
+            _save_full_model(model, staging, state_dict)
         tokenizer.save_pretrained(staging)
         for item in staging.iterdir():
             os.replace(item, output / item.name)
@@ -155,12 +163,12 @@ def save_adapter(model: Any, tokenizer: Any, output_dir: str | Path, *, base_fol
     return output
 
 
-def _save_full_model(model: Any, folder: Path) -> None:
+def _save_full_model(model: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
     config = model.config
     use_cache = getattr(config, "use_cache", None)
     config.use_cache = True  # training turned the KV cache off; the saved model should generate normally
     try:
-        model.save_pretrained(folder)  # transformers 5 always writes safetensors
+        model.save_pretrained(folder, state_dict=state_dict)  # transformers 5 always writes safetensors
     finally:
         config.use_cache = use_cache
     if not any(path.suffix == ".safetensors" for path in folder.iterdir()):

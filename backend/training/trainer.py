@@ -5,14 +5,21 @@ tokenize the data, then one attempt after another until one ends: `_setup_model`
 restore the last checkpoint if there is one, and the visible loop in `_train_loop`. An attempt that runs
 out of memory or diverges is thrown away whole (model, optimizer, activations) and the next one resumes
 from the last complete checkpoint with a halved micro-batch or a halved learning rate.
+
+Under `accelerate launch` the same loop runs on every rank (backend/training/distributed.py): each step
+reads the same seeded order, each rank trains on its slice, the loss is summed across ranks for logging,
+rank 0 alone writes checkpoints, the adapter and telemetry, and a stop request is agreed by all ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -28,11 +35,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from backend.training.checkpoints import (
+    CHECKPOINT_PREFIX,
+    COMPLETE_MARKER,
+    TEMP_PREFIX,
+    TRAINER_STATE_FILE,
     CheckpointError,
     TrainerState,
     load_checkpoint,
     read_trainer_state,
     resolve_resume_checkpoint,
+    rotate_checkpoints,
     save_checkpoint,
 )
 from backend.training.datasets import (
@@ -44,6 +56,7 @@ from backend.training.datasets import (
     load_examples,
     tokenize_examples,
 )
+from backend.training.distributed import Processes, launched_rank, launched_world_size, shard, start_processes
 from backend.training.events import EventCallback, FailureCode, TrainingEvent, TrainResult
 from backend.training.manifest import assert_not_base_folder, save_adapter, write_manifest
 from backend.training.options import TrainingOptions
@@ -65,7 +78,7 @@ def run_training(
     stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train as `options` say; a failed run is returned (status "failed", error_code), never raised."""
-    report = _Reporter(on_event)
+    report = _Reporter(on_event, rank=launched_rank())
     try:
         _refuse_deepspeed_here(options)
         options, plan = _plan_before_loading(options, report)
@@ -74,12 +87,16 @@ def run_training(
             return TrainResult(status="succeeded", output_dir=options.output_dir, metrics=metrics)
         data = _setup_data(options)
         healing = _Healing.start(options, report)
+        processes = start_processes(options, micro_batch_size=healing.micro_batch_size,
+                                    gradient_accumulation_steps=healing.gradient_accumulation_steps)
     except DatasetError as error:
         return _failed(options, "invalid_training_file", str(error), report)
     except (ValueError, CheckpointError, OSError) as error:
         return _failed(options, "invalid_options", str(error), report)
-    with TelemetryWriter(Path(options.output_dir)) as telemetry:
-        session = _Session(options, plan, data, healing, report, telemetry, stop_requested or _never)
+    # Telemetry, like events, comes from the main process only: one file, one writer.
+    writer = TelemetryWriter(Path(options.output_dir)) if processes.is_main else contextlib.nullcontext(None)
+    with writer as telemetry:
+        session = _Session(options, plan, data, healing, report, telemetry, stop_requested or _never, processes)
         try:
             return _train_with_healing(session)
         except ValueError as error:  # refused while loading: model source, precision, LoRA targets
@@ -88,6 +105,8 @@ def run_training(
             report.emit("message", f"{type(error).__name__}: {error}", level="error",
                         data={"traceback": traceback.format_exc()})
             return _failed(options, "error", f"{type(error).__name__}: {error}", report)
+        finally:
+            processes.close()
 
 
 def _train_with_healing(session: _Session) -> TrainResult:
@@ -102,8 +121,10 @@ def _train_with_healing(session: _Session) -> TrainResult:
             fault = _Fault("diverged", diverged.step, diverged.loss, diverged.grad_norm)
         # Only now, outside the except block, are the failed attempt's frames (model, optimizer,
         # activations) unreachable, so this is where their memory can really be given back.
+        session.processes.free_memory()
         _free_memory()
-        failure = session.healing.recover(fault, session.options, session.report)
+        failure = _deepspeed_cannot_resplit(session, fault) or session.healing.recover(
+            fault, session.options, session.report)
         if failure is not None:
             return _failed(session.options, fault.kind, failure, session.report)
 
@@ -113,11 +134,23 @@ def _attempt(session: _Session) -> TrainResult:
     _seed_everything(session.options.seed)
     session.healing.step_in_progress = 0  # an OOM before the first step is a loading problem, not a batch one
     model, tokenizer = _setup_model(session.options, session.report)
-    total_steps = _total_steps(session.options, len(session.data.train))
+    total_steps = _total_steps(session.options, len(session.data.train), session.processes.world_size)
     optimizer, scheduler = _setup_optimizer(model, session.options, total_steps, session.healing.lr_scale)
     run = _Run(session, model, tokenizer, optimizer, scheduler, _trainable_parameters(model))
     run.state = _restore(run, total_steps)
+    _prepare_across_ranks(run)
     return _train_loop(run)
+
+
+def _deepspeed_cannot_resplit(session: _Session, fault: _Fault) -> str | None:
+    """The DeepSpeed engine's batch sizes are fixed when it is built: an OOM there cannot halve the micro-batch."""
+    if fault.kind != "out_of_memory" or not session.processes.deepspeed:
+        return None
+    return (
+        f"Out of memory at step {fault.step} under DeepSpeed {session.options.deepspeed} with micro-batch "
+        f"{session.healing.micro_batch_size}: rerun with a smaller --per_device_train_batch_size (and more "
+        "--gradient_accumulation_steps), or an -offload preset"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,21 +158,25 @@ def _attempt(session: _Session) -> TrainResult:
 
 
 def _refuse_deepspeed_here(options: TrainingOptions) -> None:
-    """Refuse --deepspeed before anything loads: train_safe.py re-executes under `accelerate launch` where it can."""
+    """Refuse --deepspeed before anything loads unless this is a rank of `accelerate launch` on GPUs with DeepSpeed.
+
+    train_safe.py re-executes itself under `accelerate launch` where it can; anywhere else this says what is missing.
+    """
     if not options.deepspeed:
         return
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        raise ValueError(
-            f"--deepspeed {options.deepspeed}: sharding with DeepSpeed inside `accelerate launch` is not built "
-            "into this trainer yet; run without --deepspeed (on one GPU: --use_4bit/--use_8bit with "
-            "--gradient_checkpointing)"
-        )
     from backend.training.deepspeed_presets import deepspeed_available
 
-    have = "DeepSpeed is installed" if deepspeed_available() else "DeepSpeed is not installed"
+    installed, gpus, launched = deepspeed_available(), torch.cuda.device_count(), launched_world_size() > 1
+    if installed and gpus > 0 and launched:
+        return
+    missing = [] if installed else ["DeepSpeed is not installed (pip install deepspeed)"]
+    if gpus < 2:
+        missing.append(f"this machine has {gpus} GPU(s) and ZeRO shards over more than one")
+    elif not launched:
+        missing.append("this process was not started by `accelerate launch` (train_safe.py starts it itself)")
     raise ValueError(
-        f"--deepspeed {options.deepspeed} needs DeepSpeed and more than one GPU: {have} and this machine has "
-        f"{torch.cuda.device_count()} GPU(s). Drop --deepspeed; on one GPU use --use_4bit or --use_8bit with "
+        f"--deepspeed {options.deepspeed} needs DeepSpeed and more than one GPU, under `accelerate launch`: "
+        f"{'; '.join(missing)}. Drop --deepspeed; on one GPU use --use_4bit or --use_8bit with "
         "--gradient_checkpointing"
     )
 
@@ -243,11 +280,11 @@ def _restore(run: _Run, total_steps: int) -> TrainerState:
     """A fresh trainer state, or the last good checkpoint's, with the settings the healing chose."""
     healing = run.session.healing
     state = TrainerState(total_steps=total_steps)
-    if healing.resume_from is not None:
+    if healing.resume_from is not None and run.session.processes.deepspeed:
+        state = read_trainer_state(healing.resume_from)  # the engine's shards load once it exists (after prepare)
+    elif healing.resume_from is not None:
         state = load_checkpoint(healing.resume_from, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
-        # The optimizer state carries the learning rate of its time; the schedule (and its scale) decides now.
-        for group, factor in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas, strict=True):
-            group["lr"] = group["initial_lr"] * factor(run.scheduler.last_epoch)
+        _apply_schedule(run.scheduler)
         run.session.report.message(f"Resumed from {healing.resume_from} at step {state.step}")
     state.total_steps = total_steps
     state.effective_batch_size = healing.effective_batch_size
@@ -258,20 +295,38 @@ def _restore(run: _Run, total_steps: int) -> TrainerState:
     return state
 
 
+def _apply_schedule(scheduler: Any) -> None:
+    """The optimizer state carries the learning rate of its time; the schedule (and its scale) decides now."""
+    schedule = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper holds the LambdaLR
+    for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas, strict=True):
+        group["lr"] = group["initial_lr"] * factor(schedule.last_epoch)
+
+
+def _prepare_across_ranks(run: _Run) -> None:
+    """Hand the model, optimizer and schedule to the ranks (DDP, or a DeepSpeed engine); nothing in one process."""
+    processes, healing = run.session.processes, run.session.healing
+    run.forward_model, run.optimizer, run.scheduler = processes.prepare(run.model, run.optimizer, run.scheduler)
+    if processes.deepspeed and healing.resume_from is not None:
+        processes.load_sharded_state(healing.resume_from)
+        _apply_schedule(run.scheduler)
+        run.session.report.message(f"Resumed from {healing.resume_from} at step {run.state.step}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
 def _train_loop(run: _Run) -> TrainResult:
     """One optimizer step per iteration; logging, checkpoints and the stop check at each step boundary."""
-    state, options = run.state, run.session.options
+    state, options, processes = run.state, run.session.options, run.session.processes
     order = _epoch_order(len(run.session.data.train), options.seed, state.epoch)
-    with _progress_bar(state.step, state.total_steps) as bar:
+    with _progress_bar(state.step, state.total_steps, shown=processes.is_main) as bar:
         while state.step < state.total_steps:
-            if run.session.stop_requested():
+            if _stop_agreed(run):
                 return _stop(run)
             start = state.examples_seen_in_epoch
-            indices = order[start : start + state.effective_batch_size]
+            # Every rank reads the same step of the seeded order; _optimizer_step trains on this rank's slice.
+            indices = order[start : start + state.effective_batch_size * processes.world_size]
             loss, tokens = _optimizer_step(run, [run.session.data.train[i] for i in indices])
             if _advance(state, len(indices), len(order), loss, tokens):
                 order = _epoch_order(len(order), options.seed, state.epoch)
@@ -282,35 +337,48 @@ def _train_loop(run: _Run) -> TrainResult:
                 bar.set_postfix(loss=f"{_log_metrics(run):.4f}")
             if options.save_steps and state.step % options.save_steps == 0:
                 _save(run)
-    if run.session.stop_requested():
+    if _stop_agreed(run):
         return _stop(run)
     return _finish(run)
 
 
+def _stop_agreed(run: _Run) -> bool:
+    """Whether a stop was asked here or on any other rank: all ranks stop at the same step boundary."""
+    return run.session.processes.any(run.session.stop_requested())
+
+
 def _optimizer_step(run: _Run, examples: list[TokenizedExample]) -> tuple[float, int]:
-    """One optimizer step over `examples`, split into micro-batches; returns the step's loss and input tokens."""
+    """One optimizer step over `examples` (this rank's slice of them), in micro-batches; returns the step's loss
+    and input tokens, summed over the ranks."""
     step = run.state.step + 1
+    processes = run.session.processes
     run.session.healing.step_in_progress = step
     _maybe_inject_oom(run, step)
-    # The loss is summed over tokens and divided by the step's trained tokens, so it does not depend on how
-    # the step is split into micro-batches: an OOM recovery that halves the micro-batch trains the same.
+    # The loss is summed over tokens and divided by the step's trained tokens (on all ranks), so it does not
+    # depend on how the step is split into micro-batches or ranks: an OOM recovery that halves the
+    # micro-batch trains the same, and N ranks train as one process with N times the batch.
     label_tokens = max(1, sum(_trained_tokens(example) for example in examples))
     micro_losses: list[torch.Tensor] = []
     input_tokens = 0
-    for micro_batch in _chunks(examples, run.state.micro_batch_size):
-        batch = collate(micro_batch, run.session.data.pad_token_id)
-        input_tokens += int(batch["attention_mask"].sum())
-        loss = _summed_loss(run, batch) / label_tokens
-        loss = _maybe_inject_nan(run, step, loss)
-        run.scaler.scale(loss).backward()
-        micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
-        del loss, batch  # the graph is gone after backward; drop the inputs before the next forward
+    micro_batches = _rank_micro_batches(run, examples)
+    for index, (micro_batch, counts) in enumerate(micro_batches):
+        with processes.gradient_sync(run.forward_model, sync=index == len(micro_batches) - 1):
+            batch = collate(micro_batch, run.session.data.pad_token_id)
+            input_tokens += int(batch["attention_mask"].sum()) if counts else 0
+            loss = _summed_loss(run, batch) / label_tokens
+            loss = _maybe_inject_nan(run, step, loss if counts else loss * 0.0)
+            _backward(run, loss)
+            micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
+            del loss, batch  # the graph is gone after backward; drop the inputs before the next forward
     grad_norm_tensor = _clip_gradients(run)
     # One device sync per step, for the loss and the gradient norm together.
     step_loss = torch.stack([value.to(grad_norm_tensor.device) for value in micro_losses]).sum()
     loss_value, grad_norm = torch.stack([step_loss, grad_norm_tensor.float()]).tolist()
+    if processes.world_size > 1:  # each rank holds its part of the step's loss; every rank decides on the sum
+        loss_value, tokens = processes.sum([loss_value, float(input_tokens)])
+        input_tokens = int(tokens)
     # With fp16 the scaler skips steps whose gradients overflowed (and lowers its scale): that is not divergence.
-    grad_diverged = not run.scaler.is_enabled() and not math.isfinite(grad_norm)
+    grad_diverged = not run.loss_scaled and not math.isfinite(grad_norm)
     if not math.isfinite(loss_value) or grad_diverged:
         raise _Diverged(step, loss_value, grad_norm)
     run.learning_rate = run.optimizer.param_groups[0]["lr"]  # the rate this step used, for the metrics
@@ -321,12 +389,34 @@ def _optimizer_step(run: _Run, examples: list[TokenizedExample]) -> tuple[float,
     return loss_value, input_tokens
 
 
+def _rank_micro_batches(run: _Run, examples: list[TokenizedExample]) -> list[tuple[list[TokenizedExample], bool]]:
+    """This rank's micro-batches of one step, each with whether it counts.
+
+    Across ranks every rank runs the same number (DDP's forward and DeepSpeed's accumulation boundary wait for
+    all ranks): a rank short of examples in a short last step runs zero-weighted stand-ins.
+    """
+    processes = run.session.processes
+    mine = shard(examples, processes.rank, processes.world_size)
+    micro_batches = [(chunk, True) for chunk in _chunks(mine, run.state.micro_batch_size)]
+    if processes.world_size > 1:
+        missing = run.state.gradient_accumulation_steps - len(micro_batches)
+        micro_batches += [(examples[:1], False)] * missing
+    return micro_batches
+
+
+def _backward(run: _Run, loss: torch.Tensor) -> None:
+    """Backward of one micro-batch's part of the step's loss, scaled for fp16 and for the ranks' averaging."""
+    factor = run.session.processes.gradient_factor
+    scaled = run.scaler.scale(loss)
+    run.session.processes.backward(scaled if factor == 1 else scaled * factor)
+
+
 def _summed_loss(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The cross-entropy of one micro-batch, summed over its trained tokens."""
     input_ids = batch["input_ids"].to(run.device)
     attention_mask = batch["attention_mask"].to(run.device)
     with run.autocast():
-        outputs = run.model(input_ids=input_ids, attention_mask=attention_mask)
+        outputs = run.forward_model(input_ids=input_ids, attention_mask=attention_mask)
     logits = outputs.logits[:, :-1]
     del outputs  # holds other per-layer outputs when a model returns them; only the logits are needed
     labels = batch["labels"][:, 1:].to(logits.device)
@@ -337,6 +427,10 @@ def _summed_loss(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _clip_gradients(run: _Run) -> torch.Tensor:
+    if run.session.processes.deepspeed:
+        # The engine clipped (gradient_clipping in its config) and stepped inside the last backward.
+        norm = run.forward_model.get_global_grad_norm()
+        return torch.tensor(float(norm) if norm is not None else 0.0, device=run.device)
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
     return torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM)
 
@@ -358,7 +452,8 @@ def _log_metrics(run: _Run) -> float:
     """Emit a metrics event and a telemetry sample (also written to telemetry.jsonl); return the mean loss."""
     state, session = run.state, run.session
     sample = {"step": state.step, **run.sampler.sample()}
-    session.telemetry.write(sample)
+    if session.telemetry is not None:  # the main process's; the other ranks write none
+        session.telemetry.write(sample)
     session.report.emit("telemetry", data=sample)
     train_loss = _mean(run.window)
     metrics = {
@@ -385,15 +480,48 @@ def _save(run: _Run) -> Path:
         metrics["eval_loss"] = _validation_loss(run)
         session.report.message(f"step {state.step}: validation loss {metrics['eval_loss']:.4f}")
     state.metrics = metrics
-    path = save_checkpoint(
-        session.options.output_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-        state=state, save_total_limit=session.options.save_total_limit,
-    )
+    path = _write_checkpoint(run)
     session.healing.resume_from = path
     run.saved_step = state.step
     session.report.emit("checkpoint", f"Checkpoint at step {state.step}: {path}",
                         data={"step": state.step, "path": str(path), "metrics": metrics})
     return path
+
+
+def _write_checkpoint(run: _Run) -> Path:
+    """Every rank comes here; the main process writes the checkpoint and renames it, the others wait until then."""
+    session, processes = run.session, run.session.processes
+    if processes.deepspeed:
+        return _write_sharded_checkpoint(run)
+    path = Path(session.options.output_dir) / f"{CHECKPOINT_PREFIX}{run.state.step}"
+    if processes.is_main:  # DDP keeps identical weights and optimizer states on every rank: one copy is enough
+        path = save_checkpoint(
+            session.options.output_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+            state=run.state, save_total_limit=session.options.save_total_limit,
+        )
+    processes.barrier()  # no rank goes on, or rolls back to it, before the checkpoint is complete
+    return path
+
+
+def _write_sharded_checkpoint(run: _Run) -> Path:
+    """DeepSpeed: every rank writes its shard into the temporary folder; rank 0 completes it and renames it."""
+    processes, options, state = run.session.processes, run.session.options, run.state
+    root = Path(options.output_dir)
+    temporary, final = root / f"{TEMP_PREFIX}{state.step}", root / f"{CHECKPOINT_PREFIX}{state.step}"
+    if processes.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)  # the leftover of a crash mid-write
+        temporary.mkdir(parents=True)
+    processes.barrier()
+    processes.save_sharded_state(temporary)
+    processes.barrier()
+    if processes.is_main:
+        (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2), encoding="utf-8")
+        (temporary / COMPLETE_MARKER).write_text(f"{state.step}\n", encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)  # a replayed step's older copy
+        os.replace(temporary, final)
+        rotate_checkpoints(root, keep=options.save_total_limit)
+    processes.barrier()
+    return final
 
 
 @torch.no_grad()
@@ -430,21 +558,24 @@ def _finish(run: _Run) -> TrainResult:
     """Last checkpoint, then the adapter (or full model), the manifest and the summary."""
     from backend.training.modeling import resolve_model_source, weight_files_sha256
 
-    session, state = run.session, run.state
+    session, state, processes = run.session, run.state, run.session.processes
     if run.saved_step != state.step:
         _save(run)
     output_dir = session.options.output_dir
-    source = resolve_model_source(session.options.model)
-    save_adapter(run.model, run.tokenizer, output_dir, base_folder=source)
+    gathered = processes.full_state_dict(run.forward_model)  # ZeRO-3: every rank gives its shard (a collective)
     metrics = _final_metrics(run)
-    evaluation = _evaluate(run)
-    if evaluation is not None:
-        metrics["pass_at_k"] = evaluation.get("pass_at_k")
-    write_manifest(
-        output_dir, base_model=session.options.model, base_weight_sha256=weight_files_sha256(source),
-        options=session.options, metrics=metrics, extra={"evaluation": evaluation} if evaluation else None,
-    )
-    session.report.message(_summary(run, metrics))
+    if processes.is_main:
+        source = resolve_model_source(session.options.model)
+        save_adapter(run.model, run.tokenizer, output_dir, base_folder=source, state_dict=gathered)
+        evaluation = _evaluate(run)
+        if evaluation is not None:
+            metrics["pass_at_k"] = evaluation.get("pass_at_k")
+        write_manifest(
+            output_dir, base_model=session.options.model, base_weight_sha256=weight_files_sha256(source),
+            options=session.options, metrics=metrics, extra={"evaluation": evaluation} if evaluation else None,
+        )
+        session.report.message(_summary(run, metrics))
+    processes.barrier()  # every rank ends once the adapter is written
     return TrainResult(
         status="succeeded", output_dir=output_dir, adapter_dir=output_dir, steps=state.step,
         trained_tokens=state.trained_tokens, metrics=metrics,
@@ -455,6 +586,9 @@ def _evaluate(run: _Run) -> dict[str, Any] | None:
     """Greedy pass@1 of the trained model on --eval_data, every completion run in the sandbox; None without it."""
     tasks, report = run.session.data.eval_tasks, run.session.report
     if not tasks:
+        return None
+    if run.session.processes.deepspeed:  # sharded weights would need every rank to generate in step
+        report.message("Evaluation skipped: --eval_data is not run under DeepSpeed", level="warn")
         return None
     from backend.evaluation.harness import evaluate_model
     from backend.evaluation.sandbox import SandboxUnavailable
@@ -640,14 +774,18 @@ def _free_memory() -> None:
 
 
 class _Reporter:
-    """Sends TrainingEvents to the caller's callback (if any)."""
+    """Sends TrainingEvents to the caller's callback (if any): all of them from rank 0, only errors from the others."""
 
-    def __init__(self, on_event: EventCallback | None) -> None:
+    def __init__(self, on_event: EventCallback | None, *, rank: int = 0) -> None:
         self._on_event = on_event
+        self._rank = rank
 
     def emit(self, kind: Any, message: str = "", *, level: Any = "info", data: dict[str, Any] | None = None) -> None:
-        if self._on_event is not None:
-            self._on_event(TrainingEvent(kind=kind, message=message, level=level, data=data or {}))
+        if self._on_event is None or (self._rank != 0 and level != "error"):
+            return
+        if self._rank != 0:
+            message = f"rank {self._rank}: {message}"
+        self._on_event(TrainingEvent(kind=kind, message=message, level=level, data=data or {}))
 
     def message(self, text: str, *, level: Any = "info") -> None:
         self.emit("message", text, level=level)
@@ -670,8 +808,9 @@ class _Session:
     data: _Data
     healing: _Healing
     report: _Reporter
-    telemetry: TelemetryWriter
+    telemetry: TelemetryWriter | None  # None on the ranks other than the main one
     stop_requested: Callable[[], bool]
+    processes: Processes = field(default_factory=Processes)
 
 
 @dataclass
@@ -692,13 +831,20 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     peak_memory_bytes: int = 0
     learning_rate: float = 0.0
+    forward_model: Any = None  # what the loop calls: the model, or its DDP / DeepSpeed wrapper across ranks
 
     def __post_init__(self) -> None:
-        self.device = self.model.get_input_embeddings().weight.device
+        processes = self.session.processes
+        if self.forward_model is None:
+            self.forward_model = self.model
+        self.device = processes.device or self.model.get_input_embeddings().weight.device
         options = self.session.options
         self.autocast_dtype = torch.bfloat16 if options.bf16 else torch.float16 if options.fp16 else None
         # Loss scaling is for fp16 on CUDA only; disabled, the scaler passes every call straight through.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=options.fp16 and self.device.type == "cuda")
+        # DeepSpeed scales the loss itself.
+        use_scaler = options.fp16 and self.device.type == "cuda" and not processes.deepspeed
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.loss_scaled = options.fp16 and (use_scaler or processes.deepspeed)
 
     def autocast(self) -> torch.autocast:
         """Mixed precision for the forward pass when --fp16/--bf16 asked for it; a no-op otherwise."""
@@ -706,11 +852,11 @@ class _Run:
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
 
 
-def _total_steps(options: TrainingOptions, n_examples: int) -> int:
+def _total_steps(options: TrainingOptions, n_examples: int, world_size: int = 1) -> int:
     """max_steps, else the optimizer steps that `epochs` passes over the data take (the last may be partial)."""
     if options.max_steps is not None:
         return options.max_steps
-    steps_per_epoch = math.ceil(n_examples / options.effective_batch_size)
+    steps_per_epoch = math.ceil(n_examples / (options.effective_batch_size * world_size))
     return max(1, math.ceil(options.epochs * steps_per_epoch))
 
 
@@ -752,8 +898,8 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
 
 
 @contextmanager
-def _progress_bar(initial: int, total: int) -> Iterator[tqdm]:
-    bar = tqdm(total=total, initial=initial, unit="step", desc="training", disable=not sys.stderr.isatty())
+def _progress_bar(initial: int, total: int, *, shown: bool = True) -> Iterator[tqdm]:
+    bar = tqdm(total=total, initial=initial, unit="step", desc="training", disable=not (shown and sys.stderr.isatty()))
     try:
         yield bar
     finally:

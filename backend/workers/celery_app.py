@@ -82,6 +82,17 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     start_reconciler(get_settings())
 
 
+@signals.worker_shutting_down.connect
+def _hand_back_jobs(**_: Any) -> None:
+    """On shutdown, stop the trainers cleanly: each checkpoints, and its job is requeued to resume elsewhere."""
+    from backend.workers.runner import stop_trainers
+
+    stopped = stop_trainers()
+    if stopped:
+        logger.warning("shutting down: asked trainers %s to checkpoint and stop; their jobs go back to the queue",
+                       stopped)
+
+
 @signals.worker_shutdown.connect
 def _stop_reconciler(**_: Any) -> None:
     from backend.workers.reconciler import stop_reconciler

@@ -117,7 +117,22 @@ class OutcomeRecorder:
             message = result.get("error_message") or "The trainer failed."
             self._finish("failed", error=_error(result.get("error_code") or "error", message))
             return "failed"
+        if result.get("status") == "stopped" and outcome.returncode == EXIT_STOPPED:
+            return self.handed_back(result)
         return self.crashed(outcome)
+
+    def handed_back(self, result: dict[str, Any]) -> str:
+        """The trainer was stopped cleanly without a cancel or pause (its worker is shutting down): requeue it.
+
+        It checkpointed before exiting, so nothing is lost and no attempt counts against max_attempts.
+        """
+        job_id, attempt = self.identity.job_id, self.recorder.attempt
+        self.recorder.message(
+            f"The worker is shutting down: the trainer checkpointed at step {result.get('steps', 0)}; the job goes "
+            "back to the queue and continues from there", level="warn",
+        )
+        self.recorder.write(lambda s: job_runs.requeue(session=s, job_id=job_id, attempt=attempt))
+        return "requeued"
 
     def succeed(self, result: dict[str, Any]) -> str:
         """Archive and store the adapter, then mark the job succeeded."""
@@ -150,11 +165,7 @@ class OutcomeRecorder:
     def crashed(self, outcome: TrainerOutcome) -> str:
         """A trainer that died without a result: retry as the next attempt, or fail once max_attempts are lost."""
         job_id, attempt, cap = self.identity.job_id, self.recorder.attempt, self.settings.max_attempts
-        result = outcome.result or {}
-        if result.get("status") == "stopped":  # SIGTERM from outside the worker: it checkpointed first
-            how = f"stopped from outside the worker at step {result.get('steps', 0)}"
-        else:
-            how = f"the trainer crashed ({_exit_description(outcome.returncode)})"
+        how = f"the trainer crashed ({_exit_description(outcome.returncode)})"
         tail = outcome.log_tail()[-600:]
 
         def lose(session: Session) -> int:

@@ -87,6 +87,22 @@ class _LineReader:
         return lines
 
 
+CHILD_MODULE = "backend.workers.child"
+
+
+def stop_trainers() -> list[int]:
+    """SIGTERM every trainer below this process (a worker shutting down): each checkpoints and exits 75."""
+    import psutil
+
+    stopped = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if CHILD_MODULE in process.cmdline():
+                process.send_signal(signal.SIGTERM)
+                stopped.append(process.pid)
+    return stopped
+
+
 def spawn_trainer(
     *, spec: dict[str, Any], work_dir: Path, attempt: int, device: Device, allow_hub: bool
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
@@ -104,7 +120,7 @@ def spawn_trainer(
     try:
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "backend.workers.child", str(spec_path), str(write_fd)],
+                [sys.executable, "-m", CHILD_MODULE, str(spec_path), str(write_fd)],
                 pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # a Ctrl-C meant for the worker's terminal does not reach the trainer
             )

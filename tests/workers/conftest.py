@@ -65,6 +65,11 @@ class WorkerStack:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def restart_worker(self) -> None:
+        """Stop the worker as an operator would (SIGTERM: warm shutdown), then start a fresh one."""
+        _stop(self.worker)
+        self.worker = _start_worker(self.backend, self.env, self.log_path)
+
 
 def _fresh_schema_url() -> tuple[str, Callable[[], None]]:
     schema = f"workers_test_{uuid.uuid4().hex[:10]}"
@@ -135,18 +140,11 @@ def stack(request: pytest.FixtureRequest, worker_tmp: Path, worker_models_dir: P
     upgrade_to_head(engine)
     set_engine(engine)
     log_path = data_dir / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "backend.workers.celery_app", "worker", "--loglevel=INFO",
-             "--concurrency=1", "--pool=prefork", "--queues=safetrain", "--without-mingle", "--without-gossip",
-             f"--hostname=test-{backend}@%h"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    live = WorkerStack(backend, settings, engine, env, worker, log_path)
+    live = WorkerStack(backend, settings, engine, env, _start_worker(backend, env, log_path), log_path)
     try:
         yield live
     finally:
-        _stop(worker)
+        _stop(live.worker)
         set_engine(None)
         engine.dispose()
         cleanup()
@@ -159,12 +157,23 @@ def stack(request: pytest.FixtureRequest, worker_tmp: Path, worker_models_dir: P
         broker.flushdb()
 
 
+def _start_worker(backend: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`celery -A backend.workers.celery_app worker`, one pool process, logging to `log_path`."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "backend.workers.celery_app", "worker", "--loglevel=INFO",
+             "--concurrency=1", "--pool=prefork", "--queues=safetrain", "--without-mingle", "--without-gossip",
+             f"--hostname=test-{backend}@%h"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
 def _stop(worker: subprocess.Popen[bytes]) -> None:
     """Warm shutdown, then kill what is left of the worker's process group."""
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
         try:
-            worker.wait(timeout=20)
+            worker.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from backend.db.models import Artifact, Checkpoint, File, Job, JobEvent, Project, TelemetrySample
 from backend.db.session import session_scope
+from backend.services import job_runs
 from backend.services.jobs import cancel_job, pause_job, resume_job
 from tests.workers.conftest import WorkerStack, create_job, job_status, load_job, wait_for
 
@@ -129,7 +130,8 @@ def _metric_steps(job_id: str, attempt: int) -> list[int]:
 
 
 @postgres
-def test_pause_resume_continues_from_the_checkpoint_then_cancel_stops_the_trainer(stack: WorkerStack) -> None:
+def test_pause_resume_handback_then_cancel(stack: WorkerStack) -> None:
+    """Pause, resume from the pause's checkpoint, a worker restart resumes again, cancel stops the trainer."""
     job = create_job(stack.settings, max_steps=2000)
     wait_for(lambda: (load_job(job.id).progress_step or 0) >= 3, JOB_TIMEOUT, "a few steps", stack)
     _request(job.id, "pause", stack)
@@ -144,14 +146,26 @@ def test_pause_resume_continues_from_the_checkpoint_then_cancel_stops_the_traine
     wait_for(lambda: len(_metric_steps(job.id, 2)) >= 2, JOB_TIMEOUT, "the resumed attempt to train", stack)
     assert _metric_steps(job.id, 2)[0] == saved[0] + 1  # not step 1: it continued from the pause's checkpoint
     assert any(event.attempt == 2 and event.message.startswith("Resumed from") for event in _events(job.id))
-    trainer = _trainer_pid(job.id, 2)
+    second_trainer = _trainer_pid(job.id, 2)
+    assert second_trainer is not None and not _gone(second_trainer)
+
+    # The worker is stopped (SIGTERM, as by `docker stop`): its trainer checkpoints, the job goes back to
+    # the queue, and the next worker continues from that checkpoint without counting a lost attempt.
+    stack.restart_worker()
+    assert _gone(second_trainer)
+    handed_back = max(checkpoint.step_number for checkpoint in _checkpoints(job.id) if checkpoint.attempt == 2)
+    wait_for(lambda: len(_metric_steps(job.id, 3)) >= 2, JOB_TIMEOUT, "the next worker to train", stack)
+    assert _metric_steps(job.id, 3)[0] == handed_back + 1
+    with session_scope() as session:
+        assert job_runs.lost_attempts(session=session, job_id=job.id) == 0
+    trainer = _trainer_pid(job.id, 3)
     assert trainer is not None and not _gone(trainer)
 
     _request(job.id, "cancel", stack)
     assert _wait_finished(stack, job.id, timeout=30) == "cancelled"
     assert wait_for(lambda: _gone(trainer), 10, "the trainer process to exit")
     done = load_job(job.id)
-    assert done.attempt == 2 and done.finished_at is not None and done.result_files == []
+    assert done.attempt == 3 and done.finished_at is not None and done.result_files == []
     assert (done.progress_step or 0) < 2000
 
 

@@ -1,18 +1,19 @@
 """Status polling: GET /v1/fine_tuning/jobs/{id} under 64 concurrent clients, against a bare FastAPI route.
 
-Both servers are one uvicorn process each (uvloop, httptools), on the same database and the same job
-row, measured in the same run by the same load generator (keep-alive connections, one request in flight
+Both servers are one uvicorn process each (uvloop, httptools), up together on the same database and job
+row, measured in alternating slices by the same load generator (keep-alive connections, one request in flight
 each). The bare route reads the row with the same session factory and answers a few columns, with no
 authentication: the ratio says what safetrain's auth, project scoping and response shape cost.
 Targets: safetrain/bare req/s >= 0.6 and safetrain p99 < 50 ms.
 
-    python benchmarks/api_polling.py [--database sqlite|postgres|both] [--seconds 10] [--record]
+    python benchmarks/api_polling.py [--database sqlite|postgres|both] [--rounds 6] [--seconds 3] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -85,6 +86,7 @@ def create_queued_job(base_url: str, key: str, work: Path) -> str:
 
 
 def measure(kind: str, args: argparse.Namespace, work: Path) -> tuple[list[LoadResult], list[LoadResult]]:
+    """Both servers up at once, measured in alternating short slices so both see the same machine load."""
     from backend.training.tiny_models import make_tiny_model
 
     make_tiny_model(work / "models" / "tiny-gpt2")
@@ -92,24 +94,22 @@ def measure(kind: str, args: argparse.Namespace, work: Path) -> tuple[list[LoadR
         env = stack_env(work / "data", work / "models", **({"database_url": url} if url else {}))
         safetrain(env, "migrate")
         key = safetrain(env, "keys", "create", "--project", "bench").strip()
+        ours_port, bare_port = free_port(), free_port()
+        ours_server = start_uvicorn("backend.api.app:create_app", ours_port, env, work / "api.log")
+        bare_server = start_uvicorn(
+            "api_polling:create_bare_app", bare_port, env, work / "bare.log", app_dir=Path(__file__).parent
+        )
         ours, bare = [], []
-        for _ in range(args.rounds):
-            port = free_port()
-            server = start_uvicorn("backend.api.app:create_app", port, env, work / "api.log")
-            try:
-                job_id = create_queued_job(f"http://127.0.0.1:{port}", key, work)
-                auth = {"Authorization": f"Bearer {key}"}
-                ours.append(hammer(port, f"/v1/fine_tuning/jobs/{job_id}", auth, **_load(args)))
-            finally:
-                stop(server)
-            port = free_port()
-            here = Path(__file__).parent
-            server = start_uvicorn("api_polling:create_bare_app", port, env, work / "bare.log", app_dir=here)
-            try:
-                bare.append(hammer(port, f"/bare/jobs/{job_id}", {}, **_load(args)))
-            finally:
-                stop(server)
-            print(f"[{kind}] safetrain {ours[-1].summary()}\n[{kind}] bare      {bare[-1].summary()}", flush=True)
+        try:
+            job_id = create_queued_job(f"http://127.0.0.1:{ours_port}", key, work)
+            auth = {"Authorization": f"Bearer {key}"}
+            for _ in range(args.rounds):
+                ours.append(hammer(ours_port, f"/v1/fine_tuning/jobs/{job_id}", auth, **_load(args)))
+                bare.append(hammer(bare_port, f"/bare/jobs/{job_id}", {}, **_load(args)))
+                print(f"[{kind}] safetrain {ours[-1].summary()}\n[{kind}] bare      {bare[-1].summary()}", flush=True)
+        finally:
+            stop(ours_server)
+            stop(bare_server)
     return ours, bare
 
 
@@ -127,13 +127,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating safetrain/bare rounds")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per slice")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds at the start of each slice")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating safetrain/bare slices")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
-    lines = [f"- {args.clients} clients, {args.rounds} x {args.seconds:.0f} s per server, one uvicorn process each"]
+    lines = [
+        f"- {args.clients} clients, {args.rounds} alternating slices of {args.seconds:g} s per server, one uvicorn "
+        f"process each; load average {os.getloadavg()[0]:.1f} at the start (2 cores shared with other work)"
+    ]
     passed = True
     for kind in kinds:
         with tempfile.TemporaryDirectory(prefix="safetrain-bench-") as tmp:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 # api_common sits beside this script (run as `python benchmarks/api_polling.py`: benchmarks/ is on sys.path).
 from api_common import LoadResult, append_results, free_port, hammer, safetrain, stack_env, start_uvicorn, stop
@@ -28,6 +30,8 @@ from fastapi import FastAPI, HTTPException
 from sqlalchemy import select
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# Server CPU seconds per slice, by database: (safetrain, bare).
+CPU: dict[str, tuple[list[float], list[float]]] = {"sqlite": ([], []), "postgres": ([], [])}
 
 
 def create_bare_app() -> FastAPI:
@@ -86,6 +90,7 @@ def create_queued_job(base_url: str, key: str, work: Path) -> str:
 
 
 def measure(kind: str, args: argparse.Namespace, work: Path) -> tuple[list[LoadResult], list[LoadResult]]:
+    ours_cpu, bare_cpu = CPU[kind]
     """Both servers up at once, measured in alternating short slices so both see the same machine load."""
     from backend.training.tiny_models import make_tiny_model
 
@@ -99,18 +104,33 @@ def measure(kind: str, args: argparse.Namespace, work: Path) -> tuple[list[LoadR
         bare_server = start_uvicorn(
             "api_polling:create_bare_app", bare_port, env, work / "bare.log", app_dir=Path(__file__).parent
         )
-        ours, bare = [], []
+        ours: list[LoadResult] = []
+        bare: list[LoadResult] = []
         try:
             job_id = create_queued_job(f"http://127.0.0.1:{ours_port}", key, work)
             auth = {"Authorization": f"Bearer {key}"}
             for _ in range(args.rounds):
-                ours.append(hammer(ours_port, f"/v1/fine_tuning/jobs/{job_id}", auth, **_load(args)))
-                bare.append(hammer(bare_port, f"/bare/jobs/{job_id}", {}, **_load(args)))
+                with server_cpu(ours_server) as cpu:
+                    ours.append(hammer(ours_port, f"/v1/fine_tuning/jobs/{job_id}", auth, **_load(args)))
+                ours_cpu.append(cpu[0])
+                with server_cpu(bare_server) as cpu:
+                    bare.append(hammer(bare_port, f"/bare/jobs/{job_id}", {}, **_load(args)))
+                bare_cpu.append(cpu[0])
                 print(f"[{kind}] safetrain {ours[-1].summary()}\n[{kind}] bare      {bare[-1].summary()}", flush=True)
         finally:
             stop(ours_server)
             stop(bare_server)
     return ours, bare
+
+
+@contextmanager
+def server_cpu(server: subprocess.Popen) -> Iterator[list[float]]:
+    """CPU seconds (user + system) the server spends inside the block: [seconds], filled on exit."""
+    process = psutil.Process(server.pid)
+    before = sum(process.cpu_times()[:2])
+    spent = [0.0]
+    yield spent
+    spent[0] = sum(process.cpu_times()[:2]) - before
 
 
 def _load(args: argparse.Namespace) -> dict[str, float | int]:
@@ -119,7 +139,10 @@ def _load(args: argparse.Namespace) -> dict[str, float | int]:
 
 def merged(results: list[LoadResult]) -> LoadResult:
     return LoadResult(
-        [x for r in results for x in r.latencies], sum(r.seconds for r in results), sum(r.errors for r in results)
+        [x for r in results for x in r.latencies],
+        sum(r.seconds for r in results),
+        sum(r.errors for r in results),
+        answered=sum(r.answered for r in results),
     )
 
 
@@ -143,12 +166,16 @@ def main() -> int:
             ours, bare = measure(kind, args, Path(tmp))
         ours_all, bare_all = merged(ours), merged(bare)
         ratio = ours_all.requests_per_second / bare_all.requests_per_second
+        ours_ms = sum(CPU[kind][0]) / ours_all.answered * 1000
+        bare_ms = sum(CPU[kind][1]) / bare_all.answered * 1000
         p99_ms = ours_all.percentile(0.99) * 1000
         ok = ratio >= 0.6 and p99_ms < 50 and ours_all.errors == 0
         passed &= ok
         lines += [
             f"- {kind}: safetrain `GET /v1/fine_tuning/jobs/{{id}}` {ours_all.summary()}",
             f"- {kind}: bare FastAPI route reading the same row {bare_all.summary()}",
+            f"- {kind}: server CPU per request: safetrain {ours_ms:.2f} ms, bare {bare_ms:.2f} ms (ratio "
+            f"{bare_ms / ours_ms:.2f}: the req/s ratio a core of its own would give)",
             f"- {kind}: ratio {ratio:.2f} (target >= 0.6), p99 {p99_ms:.1f} ms (target < 50): "
             + ("PASS" if ok else "FAIL"),
         ]

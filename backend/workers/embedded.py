@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-import psutil
-
 DEFAULT_PROJECT = "default"
 DEMO_MODEL = "tiny-gpt2"
 READY_TIMEOUT_SECONDS = 120.0
@@ -145,10 +143,8 @@ def _model_names(models_dir: Path) -> list[str]:
 def stop_children(children: _Children, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
     """Stop the API and the worker: trainers checkpoint, the worker finishes its task, then both exit."""
     _signal(children.api, signal.SIGTERM)
-    # The trainers (grandchildren of the worker) checkpoint and exit on SIGTERM; the worker's main
-    # process then makes a warm shutdown, recording how the task ended before it goes.
-    for trainer in _trainer_processes(children.worker):
-        _signal_pid(trainer.pid, signal.SIGTERM)
+    # SIGTERM is the worker's warm shutdown: it has its trainers checkpoint at the next step, hands their
+    # jobs back to the queue (they resume on the next start) and records that before it exits.
     _signal(children.worker, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     for child in children.all():
@@ -221,23 +217,10 @@ def _supervise(children: _Children) -> None:
         time.sleep(0.2)
 
 
-def _trainer_processes(worker: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    """Processes below the worker's pool children: the trainers the worker's tasks spawned."""
-    try:
-        pool = psutil.Process(worker.pid).children()
-        return [grandchild for child in pool for grandchild in child.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
 def _signal(child: subprocess.Popen[bytes], signum: int) -> None:
     if child.poll() is None:
-        _signal_pid(child.pid, signum)
-
-
-def _signal_pid(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signum)
 
 
 def _kill_group(child: subprocess.Popen[bytes]) -> None:

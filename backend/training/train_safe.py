@@ -163,8 +163,8 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 def _can_launch_deepspeed() -> bool:
     """Not yet under `accelerate launch`, DeepSpeed importable, and more than one GPU to shard over."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        return False
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False  # already one of the launched ranks (ours, or the user's own `accelerate launch`)
     import torch
 
     from backend.training.deepspeed_presets import deepspeed_available
@@ -179,7 +179,12 @@ def _relaunch_under_accelerate(preset: str, args: list[str]) -> int:
 
     command = accelerate_launch_command(preset, args, torch.cuda.device_count())
     print("Launching under DeepSpeed:", " ".join(command), flush=True)
-    return subprocess.call(command)
+    launcher = subprocess.Popen(command)
+    # A cancel (SIGTERM) sent to this process goes on to the launcher, which passes it to every rank; Ctrl-C
+    # reaches the ranks straight from the terminal, so this process only waits for them.
+    signal.signal(signal.SIGTERM, lambda signum, frame: launcher.send_signal(signum))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return launcher.wait()
 
 
 if __name__ == "__main__":

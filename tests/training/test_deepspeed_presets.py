@@ -15,6 +15,7 @@ from backend.training.deepspeed_presets import (
     accelerate_launch_command,
     deepspeed_available,
     deepspeed_config,
+    deepspeed_run_config,
     write_deepspeed_config,
 )
 from backend.training.options import DEEPSPEED_PRESETS
@@ -98,3 +99,17 @@ def test_launch_command_config_dir_and_precision(tmp_path, monkeypatch):
 
 def test_deepspeed_available_matches_what_is_installed():
     assert deepspeed_available() is (importlib.util.find_spec("deepspeed") is not None)
+
+
+@pytest.mark.parametrize("preset", DEEPSPEED_PRESETS)
+def test_run_config_sets_what_accelerate_would_read_off_a_dataloader(preset):
+    """The trainer hands Accelerate no DataLoader: the batch sizes and clipping are filled in beforehand."""
+    config = deepspeed_run_config(preset, micro_batch_size=2, gradient_accumulation_steps=4, world_size=8)
+
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_batch_size"] == 2 * 4 * 8
+    assert config["gradient_clipping"] == 1.0
+    plugin = DeepSpeedPlugin(hf_ds_config=config)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.deepspeed_config["train_batch_size"] == 64 and plugin.is_auto("zero_optimization.reduce_bucket_size")

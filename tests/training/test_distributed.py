@@ -1,7 +1,8 @@
 """The multi-process path: two real ranks under `accelerate launch` (DDP over gloo on the CPU), a tiny Llama.
 
 The ranks run train_safe.py through a small driver that records, per rank, the token ids each micro-batch
-carried (a spy around the trainer's `collate`, nothing replaced): that is how the tests see the shards.
+carried (a spy around the trainer's `collate`, nothing replaced): that is how the tests see the shards. With
+STOP_RANK set, that rank alone sends itself SIGTERM at its first micro-batch, as a cancel reaching one rank.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from backend.training import trainer
 from backend.training.checkpoints import COMPLETE_MARKER, read_trainer_state
 from backend.training.datasets import TokenizedExample, collate
+from backend.training.deepspeed_presets import deepspeed_available
 from backend.training.distributed import Processes, shard
 from backend.training.options import TrainingOptions
 from backend.training.trainer import run_training
@@ -35,7 +36,7 @@ STEPS, SAVE_STEPS, PER_RANK_BATCH, RANKS = 6, 3, 2, 2
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "safetrain.json"}
 
 DRIVER = '''
-import json, os, sys
+import json, os, signal, sys
 from backend.training import train_safe, trainer
 
 log = open(os.path.join(os.environ["SHARD_LOG_DIR"], "rank%s.jsonl" % os.environ["RANK"]), "a")
@@ -44,6 +45,9 @@ real_collate = trainer.collate
 def recording_collate(examples, pad_token_id):
     log.write(json.dumps([example.input_ids for example in examples]) + "\\n")
     log.flush()
+    if os.environ.get("STOP_RANK") == os.environ["RANK"]:
+        os.environ.pop("STOP_RANK")
+        os.kill(os.getpid(), signal.SIGTERM)
     return real_collate(examples, pad_token_id)
 
 trainer.collate = recording_collate
@@ -78,7 +82,7 @@ def _training_flags(model: Path, data: Path, output_dir: Path, *extra: str) -> l
     ]
 
 
-def _launch(work: Path, flags: list[str], output_dir: Path) -> Launch:
+def _launch(work: Path, flags: list[str], output_dir: Path, **extra_env: str) -> Launch:
     """`accelerate launch` two CPU ranks (torch.distributed over gloo) running train_safe.py with `flags`."""
     driver, logs = work / "driver.py", work / f"shards-{output_dir.name}"
     driver.write_text(DRIVER)
@@ -89,6 +93,7 @@ def _launch(work: Path, flags: list[str], output_dir: Path) -> Launch:
         "PYTHONPATH": str(REPO_ROOT),
         "HF_HOME": str(work / "hf-home"),  # no accelerate default config from the user's cache
         "SHARD_LOG_DIR": str(logs),
+        **extra_env,
     }
     # --multi_gpu picks accelerate's torch.distributed launcher; with no GPU the trainer's Accelerator runs on
     # the CPU (gloo). `--cpu --num_processes 2` would start a single process: accelerate only runs several CPU
@@ -145,8 +150,12 @@ def one_process_run(tiny_llama: Path, learnable_data: Path, tmp_path_factory: py
     return {"output_dir": output_dir, "micro_batches": seen}
 
 
+def _losses_at(checkpoint: Path) -> list[float]:
+    return read_trainer_state(checkpoint).recent_losses
+
+
 def _losses(output_dir: Path) -> list[float]:
-    return read_trainer_state(output_dir / f"checkpoint-{STEPS}").recent_losses
+    return _losses_at(output_dir / f"checkpoint-{STEPS}")
 
 
 def test_two_ranks_train_and_write_one_adapter(two_rank_run, tiny_llama):
@@ -186,7 +195,7 @@ def test_two_ranks_match_one_process_with_the_same_effective_batch(two_rank_run,
     assert sum(distributed[-2:]) < 0.98 * sum(distributed[:2]), distributed  # and it learns
 
 
-def test_checkpoint_is_complete_and_two_ranks_resume_from_it(two_rank_run, tiny_llama, learnable_data, tmp_path):
+def test_two_ranks_resume_and_stop_together_on_a_signal_to_one(two_rank_run, tiny_llama, learnable_data, tmp_path):
     checkpoint = two_rank_run.output_dir / f"checkpoint-{SAVE_STEPS}"
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", COMPLETE_MARKER} <= {
         path.name for path in checkpoint.iterdir()
@@ -197,15 +206,20 @@ def test_checkpoint_is_complete_and_two_ranks_resume_from_it(two_rank_run, tiny_
     shutil.copytree(checkpoint, resumed_dir / checkpoint.name)
 
     flags = _training_flags(tiny_llama, learnable_data, resumed_dir, "--resume_from_checkpoint", "latest")
-    resumed = _launch(tmp_path, flags, resumed_dir)
+    resumed = _launch(tmp_path, flags, resumed_dir, STOP_RANK="1")  # SIGTERM reaches rank 1 during step 4
 
-    assert resumed.returncode == 0, resumed.output[-4000:]
-    assert f"at step {SAVE_STEPS}" in resumed.output
-    assert len(resumed.micro_batches(0)) == STEPS - SAVE_STEPS  # only the steps after the checkpoint ran
-    assert _losses(resumed_dir) == pytest.approx(_losses(two_rank_run.output_dir), abs=1e-5)
-    adapter = load_file(resumed_dir / "adapter_model.safetensors")
-    uninterrupted = load_file(two_rank_run.output_dir / "adapter_model.safetensors")
-    assert all(torch.allclose(adapter[name], uninterrupted[name], atol=1e-5) for name in uninterrupted)
+    assert f"Resumed from {resumed_dir / checkpoint.name} at step {SAVE_STEPS}" in resumed.output
+    stop_step = SAVE_STEPS + 1
+    # Rank 0 never got the signal, yet both ranks ran step 4 only and stopped after it, with one checkpoint.
+    assert resumed.output.count(f"Stopped at step {stop_step}: checkpoint") == 1, resumed.output[-4000:]
+    assert len(resumed.micro_batches(0)) == len(resumed.micro_batches(1)) == 1
+    assert resumed.returncode != 0  # the ranks exit 75 (stopped), which accelerate launch reports as a failure
+    stopped = resumed_dir / f"checkpoint-{stop_step}"
+    assert (stopped / COMPLETE_MARKER).is_file() and read_trainer_state(stopped).step == stop_step
+    assert not any(path.name.startswith(".tmp-") for path in resumed_dir.iterdir())
+    # The resumed step trained on the same data to the same loss as the uninterrupted run's step 4.
+    assert resumed.micro_batches(0) == [two_rank_run.micro_batches(0)[SAVE_STEPS]]
+    assert _losses_at(stopped) == pytest.approx(_losses(two_rank_run.output_dir)[:stop_step], abs=1e-5)
 
 
 def test_shard_gives_each_rank_a_contiguous_disjoint_slice():
@@ -219,3 +233,19 @@ def test_one_process_has_no_ranks():
     processes = Processes()
     assert (processes.rank, processes.world_size, processes.is_main, processes.deepspeed) == (0, 1, True, False)
     assert processes.sum([1.5, 2.0]) == [1.5, 2.0] and processes.any(True) and not processes.any(False)
+
+
+@pytest.mark.skipif(deepspeed_available() and torch.cuda.device_count() > 1, reason="this machine can run DeepSpeed")
+def test_deepspeed_in_a_launched_rank_that_cannot_run_it_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch` would set it
+    monkeypatch.setenv("RANK", "0")
+    options = TrainingOptions(model=str(tmp_path / "never-loaded"), output_dir=str(tmp_path / "out"), deepspeed="zero3")
+
+    result = run_training(options)
+
+    assert result.status == "failed" and result.error_code == "invalid_options"
+    message = result.error_message or ""
+    assert message.startswith("--deepspeed zero3 needs DeepSpeed and more than one GPU")
+    assert f"this machine has {torch.cuda.device_count()} GPU(s)" in message
+    assert ("DeepSpeed is not installed" in message) is not deepspeed_available()
+    assert not (tmp_path / "out").exists()  # refused before the model folder was even looked for

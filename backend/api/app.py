@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from backend.api.errors import install_error_handlers
+from backend.api.guards import RefuseNulMiddleware
 from backend.api.metrics import Metrics, MetricsMiddleware
 from backend.api.routes import estimate, files, health, jobs, models
 from backend.config import Settings, get_settings
@@ -46,13 +49,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.session_factory = session_factory
     app.state.metrics = Metrics(session_factory)
     install_error_handlers(app)
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     for router in (files.router, jobs.router, estimate.router, models.router, health.router):
         app.include_router(router)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=True)
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
     def metrics(request: Request) -> Response:
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(RefuseNulMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(
@@ -64,6 +69,19 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             expose_headers=["*"],
         )
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, minus FastAPI's default 422 responses: validation failures are 400 in the envelope."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
@@ -50,6 +51,11 @@ def release_connection(session: Session) -> None:
     """
     session.commit()
 
+
+# Declares `Authorization: Bearer <key>` in the OpenAPI document (async, so it costs no thread hop); the key itself
+# is checked by authenticate(), which answers 401 in the error envelope rather than FastAPI's own 403.
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key from `safetrain keys create`.")
+BEARER = Security(bearer_scheme)
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -314,3 +314,36 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every failure: `{"error": {message, type, param, code}}`."""
+
+    error: ErrorDetail
+
+
+_ERROR_MEANINGS = {
+    400: "Invalid request (the error's `param` names the field), or a state conflict.",
+    401: "Missing, wrong or revoked API key.",
+    404: "No such object in this project (other projects' objects included).",
+    413: "The upload is over the size limit.",
+    429: "A project quota (unfinished jobs, stored bytes) is reached.",
+    503: "The database is unavailable for a moment; retry.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the error envelope under each of `statuses`."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}

@@ -12,6 +12,7 @@ from backend.config import Settings
 from backend.db.models import TERMINAL_JOB_STATUSES, File, Job, Project, new_id
 from backend.services import storage
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
+from backend.services.ids import looks_like_id
 from backend.services.pagination import Page, keyset_page
 from backend.training.datasets import DatasetError, DatasetValidator
 
@@ -138,9 +139,11 @@ def store_file_from_path(
 
 def get_file(*, session: Session, project: Project, file_id: str) -> File:
     """The project's file, or NotFound (other projects' files included)."""
-    row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
+    row = None
+    if looks_like_id(file_id):
+        row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
     if row is None:
-        raise NotFound(f"No such file: {file_id}", param="file_id")
+        raise NotFound(f"No such file: {file_id[:100]}", param="file_id")
     return row
 
 

@@ -24,6 +24,7 @@ from backend.db.models import (
 )
 from backend.services.base_models import resolve_base_model
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
+from backend.services.ids import looks_like_id
 from backend.services.pagination import Page, keyset_page
 from backend.services.training_request import resolve_training
 
@@ -49,9 +50,11 @@ class JobSpec:
 
 
 def _dataset_file(*, session: Session, project: Project, file_id: str, param: str) -> File:
-    row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
+    row = None
+    if looks_like_id(file_id):
+        row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
     if row is None:
-        raise InvalidRequest(f"No such file: {file_id}", param=param, code="invalid_" + param)
+        raise InvalidRequest(f"No such file: {file_id[:100]}", param=param, code="invalid_" + param)
     if row.purpose != "fine-tune" or row.status != "processed":
         raise InvalidRequest(f"File {file_id} is not a processed fine-tune dataset.", param=param)
     return row
@@ -134,9 +137,11 @@ def create_job(*, session: Session, settings: Settings, project: Project, spec: 
 
 def get_job(*, session: Session, project: Project, job_id: str) -> Job:
     """The project's job, or NotFound (other projects' jobs included)."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id))
+    job = None
+    if looks_like_id(job_id):
+        job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id))
     if job is None:
-        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+        raise NotFound(f"No such fine-tuning job: {job_id[:100]}", param="fine_tuning_job_id")
     return job
 
 

@@ -9,6 +9,7 @@ from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from backend.services.errors import InvalidRequest
+from backend.services.ids import looks_like_id
 
 Row = TypeVar("Row")
 
@@ -37,9 +38,11 @@ def keyset_page(
         raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE_SIZE} (got {limit}).", param="limit")
     if after:
         # The cursor row is looked up inside the same scoped query, so another project's id finds nothing.
-        cursor = session.scalar(query.with_only_columns(model.seq).where(model.id == after))
+        cursor = None
+        if looks_like_id(after):
+            cursor = session.scalar(query.with_only_columns(model.seq).where(model.id == after))
         if cursor is None:
-            raise InvalidRequest(f"No such object for after: {after}", param="after")
+            raise InvalidRequest(f"No such object for after: {after[:100]}", param="after")
         query = query.where(model.seq < cursor if descending else model.seq > cursor)
     query = query.order_by(model.seq.desc() if descending else model.seq.asc()).limit(limit + 1)
     rows = list(session.scalars(query))

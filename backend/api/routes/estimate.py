@@ -6,11 +6,14 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from backend.api.deps import ProjectDep, SettingsDep
-from backend.api.schemas import EstimateRequest
+from backend.api.deps import BEARER, ProjectDep, SettingsDep
+from backend.api.schemas import EstimateRequest, error_responses
 from backend.services.estimates import estimate_job
 
-router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning jobs"])
+router = APIRouter(
+    prefix="/v1/fine_tuning", tags=["fine-tuning jobs"], dependencies=[BEARER],
+    responses=error_responses(400, 401, 429, 503),
+)
 
 
 @router.post("/estimate", summary="Plan a job's peak memory and the cheapest settings that fit")

@@ -10,6 +10,7 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from backend.api.errors import error_response
+from backend.api.schemas import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -47,7 +48,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database and broker reachable")
+@router.get("/readyz", summary="Readiness: database and broker reachable", responses=error_responses(503))
 async def readyz(request: Request) -> Any:
     """200 when the database and the broker answer; 503 in the error envelope naming what failed."""
     checks: dict[str, str] = {}

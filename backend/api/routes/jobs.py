@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep, release_connection
+from backend.api.deps import BEARER, JobDep, ProjectDep, SessionDep, SettingsDep, release_connection
 from backend.api.schemas import (
     FineTuningJob,
     FineTuningJobCheckpoint,
@@ -20,15 +20,20 @@ from backend.api.schemas import (
     ListResponse,
     TelemetryList,
     TelemetrySampleOut,
+    error_responses,
     list_response,
 )
 from backend.db.models import TERMINAL_JOB_STATUSES, Job
 from backend.services import jobs as job_service
 from backend.services.errors import InvalidRequest
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"])
+router = APIRouter(
+    prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"], dependencies=[BEARER],
+    responses=error_responses(400, 401, 404, 429, 503),
+)
 
 STREAM_POLL_SECONDS = 0.5
+MAX_SEQ = 2**63 - 1  # sequence numbers are 64-bit: a larger cursor would overflow the database's integer
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
 
@@ -96,6 +101,7 @@ def resume_job(job: JobDep, session: SessionDep, settings: SettingsDep, project:
     "/{fine_tuning_job_id}/events",
     response_model=ListResponse[FineTuningJobEvent],
     summary="List a job's events (or stream them as Server-Sent Events with ?stream=true)",
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
 )
 def list_events(
     request: Request,
@@ -118,7 +124,7 @@ def list_events(
 def _last_event_number(header: str | None) -> int:
     if header is None or header == "":
         return 0
-    if not header.isdigit():
+    if not header.isdigit() or len(header) > 19 or int(header) > MAX_SEQ:
         raise InvalidRequest("Last-Event-ID must be the number of an event.", param="Last-Event-ID")
     return int(header)
 
@@ -168,7 +174,7 @@ def list_checkpoints(
 def list_telemetry(
     job: JobDep,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0, description="Continue after this sample number (last_seq).")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ, description="Continue after this sample number (last_seq).")] = 0,
     limit: Limit = 1000,
 ) -> TelemetryList:
     """Per-GPU used/total, torch allocated/reserved/peak and process RSS over time, oldest first."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from backend.api.deps import ProjectDep, SessionDep, SettingsDep, release_connection
-from backend.api.schemas import ModelList, ModelObject
+from backend.api.deps import BEARER, ProjectDep, SessionDep, SettingsDep, release_connection
+from backend.api.schemas import ModelList, ModelObject, error_responses
 from backend.services import jobs as job_service
 from backend.services.base_models import list_base_models
 from backend.services.errors import NotFound
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], dependencies=[BEARER], responses=error_responses(400, 401, 404, 503)
+)
 
 
 def _all_models(session: SessionDep, settings: SettingsDep, project: ProjectDep) -> list[ModelObject]:

@@ -33,6 +33,9 @@ from backend.training.trainer import run_training
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 STEPS, SAVE_STEPS, PER_RANK_BATCH, RANKS = 6, 3, 2, 2
+NAN_STEP = 5  # an injected NaN: every rank rolls back to checkpoint-3 together, the lr halved
+# Steps as they ran: 1-4, the NaN at 5, then 4-6 again from the checkpoint.
+STEPS_RUN = [1, 2, 3, 4, 5, 4, 5, 6]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "safetrain.json"}
 
 DRIVER = '''
@@ -78,7 +81,8 @@ def _training_flags(model: Path, data: Path, output_dir: Path, *extra: str) -> l
         "--model", str(model), "--data", str(data), "--output_dir", str(output_dir),
         "--use_lora", "--lora_dropout", "0", "--learning_rate", "5e-3", "--max_seq_length", "32",
         "--per_device_train_batch_size", str(PER_RANK_BATCH), "--max_steps", str(STEPS),
-        "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--seed", "7", *extra,
+        "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--seed", "7",
+        "--inject_nan_at_step", str(NAN_STEP), *extra,
     ]
 
 
@@ -139,6 +143,7 @@ def one_process_run(tiny_llama: Path, learnable_data: Path, tmp_path_factory: py
         model=str(tiny_llama), data=str(learnable_data), output_dir=str(output_dir), use_lora=True, lora_dropout=0.0,
         learning_rate=5e-3, max_seq_length=32, per_device_train_batch_size=PER_RANK_BATCH,
         gradient_accumulation_steps=RANKS, max_steps=STEPS, save_steps=SAVE_STEPS, logging_steps=1, seed=7,
+        inject_nan_at_step=NAN_STEP,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -164,8 +169,9 @@ def test_two_ranks_train_and_write_one_adapter(two_rank_run, tiny_llama):
     assert not any(path.name.startswith((".tmp-", ".saving-")) for path in output_dir.iterdir())
     # Events and telemetry come from rank 0 alone: one summary, one telemetry line per step.
     assert two_rank_run.output.count("Done: 6 steps") == 1
+    assert two_rank_run.output.count(f"Non-finite values at step {NAN_STEP}") == 1
     telemetry = [json.loads(line) for line in (output_dir / "telemetry.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in telemetry] == list(range(1, STEPS + 1))
+    assert [record["step"] for record in telemetry] == [1, 2, 3, 4, 4, 5, 6]  # step 5's NaN is never logged
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), output_dir)
@@ -176,15 +182,15 @@ def test_two_ranks_train_and_write_one_adapter(two_rank_run, tiny_llama):
 
 def test_ranks_train_on_disjoint_slices_of_the_seeded_order(two_rank_run, one_process_run):
     rank0, rank1 = two_rank_run.micro_batches(0), two_rank_run.micro_batches(1)
-    assert len(rank0) == len(rank1) == STEPS  # one micro-batch of 2 per rank and step
+    assert len(rank0) == len(rank1) == len(STEPS_RUN)  # one micro-batch of 2 per rank and step
 
     as_set = lambda batches: {tuple(ids) for batch in batches for ids in batch}  # noqa: E731
     assert as_set(rank0).isdisjoint(as_set(rank1))
     assert len(as_set(rank0)) == len(as_set(rank1)) == STEPS * PER_RANK_BATCH
     # Step by step, rank 0 took the first half of what one process trained on in that step, rank 1 the second.
     single = one_process_run["micro_batches"]
-    assert [single[2 * step] for step in range(STEPS)] == rank0
-    assert [single[2 * step + 1] for step in range(STEPS)] == rank1
+    assert [single[2 * step] for step in range(len(STEPS_RUN))] == rank0
+    assert [single[2 * step + 1] for step in range(len(STEPS_RUN))] == rank1
 
 
 def test_two_ranks_match_one_process_with_the_same_effective_batch(two_rank_run, one_process_run):

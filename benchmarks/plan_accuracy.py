@@ -211,8 +211,9 @@ def append_results(section: str, body: str) -> None:
     start = text.index(heading) + len(heading)
     following = text.find("\n## ", start)
     end = len(text) if following == -1 else following
-    text = text[:end].rstrip("\n") + "\n\n" + body.strip("\n") + "\n" + text[end:]
-    RESULTS.write_text(text if text.endswith("\n") else text + "\n")
+    rest = text[end:].lstrip("\n")
+    text = text[:end].rstrip("\n") + "\n\n" + body.strip("\n") + "\n" + ("\n" + rest if rest else "")
+    RESULTS.write_text(text)
 
 
 def make_model(folder: Path) -> str:

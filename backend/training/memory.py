@@ -15,7 +15,11 @@ Recomputation in Large Transformer Models"), adapted to what transformers + peft
   attention scores (b·heads·s²) only where attention is materialized (eager, or SDPA on the CPU with
   attention dropout); the logits for the loss (fp32 log-softmax and its gradients), often the largest
   term for small models; the backward pass's working gradients. Checkpointing keeps only each layer's
-  input plus one recomputed layer.
+  input plus one recomputed layer;
+* overhead: on a GPU the CUDA context and the caching allocator's fragmentation; on the CPU the runtime's
+  workspaces and the freed memory glibc keeps in its heap (about two layers' activations).
+
+Calibrated against measured peaks in benchmarks/plan_accuracy.py and benchmarks/checkpointing_memory.py.
 """
 
 from __future__ import annotations

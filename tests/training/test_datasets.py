@@ -229,6 +229,70 @@ def test_a_line_exactly_at_the_limit_passes_with_crlf_and_bom() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The fast path (orjson, plain shapes) answers exactly as json + classify_record (load_examples' path)
+
+BIG = 123456789012345678901234567890  # past 64 bits: orjson reads it as a float, json as this int
+DEEP = "[" * 1000 + "]" * 1000  # json's recursion limit refuses it; orjson alone would go to 1024
+FAST_PATH_CASES: dict[str, tuple[bytes, DatasetSummary | str]] = {
+    "NaN in an extra key": (jsonl([TEXT]) + b'{"text": "a", "score": NaN}\n', DatasetSummary("text", 2)),
+    "a lone surrogate escape": (b'{"text": "\\ud800"}\n', DatasetSummary("text", 1)),
+    "a big integer in an extra key": (jsonl([TEXT, {"text": "a", "n": BIG}]), DatasetSummary("text", 2)),
+    "a big integer as a role": (jsonl([CHAT, chat_line({"role": BIG, "content": "a"}, ASSISTANT)]),
+                                f"Line 2: unknown role {BIG}"),
+    "an infinite number as the text": (b'{"text": 1e999}\n', 'Line 1: "text" must be a string, not a number'),
+    "nested past json's limit": (jsonl([TEXT]) + f'{{"text": "a", "x": {DEEP}}}\n'.encode(),
+                                 "Line 2: invalid JSON: nested too deeply"),
+    "nested within the limit": (f'{{"text": "a", "x": {"[" * 200 + "]" * 200}}}\n'.encode(),
+                                DatasetSummary("text", 1)),
+    "a line of unicode whitespace": (jsonl([TEXT]) + "\u3000\x1c\n".encode() + jsonl([TEXT]),
+                                     DatasetSummary("text", 2)),
+    "a BOM on a later line": (jsonl([TEXT]) + b"\xef\xbb\xbf" + jsonl([TEXT]),
+                              "Line 2: invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1"),
+    "a role that is not a string": (jsonl([CHAT, chat_line({"role": ["user"], "content": "a"}, ASSISTANT)]),
+                                    'Line 2: unknown role ["user"]'),
+    "prompt and completion beside messages": (jsonl([CHAT, {**CHAT, "prompt": 5}]), DatasetSummary("chat", 2)),
+    "an instruction with a null input": (jsonl([INSTRUCTION, {"instruction": "a", "input": None, "output": "b"}]),
+                                         'Line 2: "input" must be a string, not null'),
+}
+
+
+def outcome(check: Any) -> DatasetSummary | str:
+    try:
+        return check()  # type: ignore[no-any-return]
+    except DatasetError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("case", list(FAST_PATH_CASES))
+def test_the_fast_path_agrees_with_json(case: str, tmp_path: Path) -> None:
+    data, expected = FAST_PATH_CASES[case]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(data)
+    through_json = outcome(lambda: summary_of(*load_examples(path)))
+    assert outcome(lambda: validate_file(path)) == outcome(lambda: feed_in_chunks(data, 7)) == through_json == expected
+
+
+def summary_of(fmt: DatasetFormat, examples: list[dict[str, Any]]) -> DatasetSummary:
+    return DatasetSummary(fmt, len(examples))
+
+
+def test_examples_handed_on_keep_json_values(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl([{"text": "a", "n": BIG}]))
+    assert load_examples(path) == ("text", [{"text": "a", "n": BIG}])
+
+
+def test_many_lines_across_chunks_count_every_example() -> None:
+    data = jsonl([CHAT, CHAT, CHAT] * 5000) + b"\n\n" + jsonl([CHAT])
+    assert feed_in_chunks(data, 4093) == DatasetSummary(format="chat", n_examples=15001)
+    with pytest.raises(DatasetError) as caught:
+        feed_in_chunks(data + jsonl([TEXT]), 4093)
+    assert str(caught.value) == (
+        'Line 15004: this line is "text" but the file is "chat" (from line 1); one file holds one format'
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Rendering and masking
 
 

@@ -14,6 +14,7 @@ from backend.services import storage
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
 from backend.services.ids import looks_like_id
 from backend.services.pagination import Page, keyset_page
+from backend.services.quotas import lock_project
 from backend.training.datasets import DatasetError, DatasetValidator
 
 UPLOAD_PURPOSES = ("fine-tune",)
@@ -29,6 +30,7 @@ class PendingUpload:
     sink: storage.UploadSink
     validator: DatasetValidator
     project_id: str
+    quota: int
     quota_left: int
     done: bool = field(default=False)
 
@@ -55,7 +57,11 @@ class PendingUpload:
 
 def stored_bytes(*, session: Session, project: Project) -> int:
     """Bytes the project's files take on disk."""
-    total = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.project_id == project.id))
+    return _stored_bytes_of(session=session, project_id=project.id)
+
+
+def _stored_bytes_of(*, session: Session, project_id: str) -> int:
+    total = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.project_id == project_id))
     return int(total or 0)
 
 
@@ -77,7 +83,7 @@ def start_upload(*, session: Session, settings: Settings, project: Project) -> P
         max_bytes=settings.max_upload_bytes,
         check_chunk=validator.feed,
     )
-    return PendingUpload(file_id, relative_path, sink, validator, project.id, quota_left=quota - used)
+    return PendingUpload(file_id, relative_path, sink, validator, project.id, quota=quota, quota_left=quota - used)
 
 
 def finish_upload(
@@ -93,6 +99,12 @@ def finish_upload(
             summary = pending.validator.finish()
         except DatasetError as exc:
             raise InvalidRequest(str(exc), param="file", code="invalid_file") from None
+        # Concurrent uploads each passed the quota at their start: the last word is taken under the project's lock.
+        lock_project(session=session, project_id=pending.project_id)
+        used = _stored_bytes_of(session=session, project_id=pending.project_id)
+        if used + pending.sink.bytes > pending.quota:
+            raise QuotaExceeded(f"The upload would pass the project's storage quota of {pending.quota} bytes.",
+                                param="file")
         pending.sink.commit()
         pending.done = True
     except BaseException:
@@ -165,7 +177,12 @@ def list_files(
 
 
 def delete_file(*, session: Session, settings: Settings, project: Project, file_id: str) -> None:
-    """Delete a file and its bytes; refused while an unfinished job uses it."""
+    """Delete a file and its bytes; refused while an unfinished job uses it.
+
+    Under the project's lock (a job being created cannot pick the file meanwhile); the row goes first, committed,
+    then the bytes, so a failed commit never leaves a row whose content is gone.
+    """
+    lock_project(session=session, project_id=project.id)
     row = get_file(session=session, project=project, file_id=file_id)
     user = session.scalar(
         select(Job.id).where(
@@ -177,5 +194,5 @@ def delete_file(*, session: Session, settings: Settings, project: Project, file_
     if user is not None:
         raise InvalidRequest(f"File {file_id} is used by job {user}, which has not finished.", param="file_id")
     session.delete(row)
-    session.flush()
+    session.commit()
     storage.remove_quietly(file_path(settings=settings, row=row))

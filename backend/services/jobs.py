@@ -26,6 +26,7 @@ from backend.services.base_models import resolve_base_model
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
 from backend.services.ids import looks_like_id
 from backend.services.pagination import Page, keyset_page
+from backend.services.quotas import lock_project
 from backend.services.training_request import resolve_training
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ def active_job_count(*, session: Session, project: Project) -> int:
 
 
 def _check_job_quota(*, session: Session, settings: Settings, project: Project) -> None:
+    """Refuse (429) when the project is at its cap; holds the project's lock until the caller commits."""
+    lock_project(session=session, project_id=project.id)
     limit = project.max_concurrent_jobs or settings.max_concurrent_jobs
     if active_job_count(session=session, project=project) >= limit:
         raise QuotaExceeded(f"The project already has {limit} unfinished jobs, its quota.")
@@ -112,7 +115,11 @@ def create_job(*, session: Session, settings: Settings, project: Project, spec: 
     if spec.suffix is not None and not _SUFFIX.fullmatch(spec.suffix):
         raise InvalidRequest("suffix must be 1 to 64 letters, digits, '-' or '_'.", param="suffix")
     _check_metadata(spec.metadata)
-    _check_job_quota(session=session, settings=settings, project=project)
+    _check_job_quota(session=session, settings=settings, project=project)  # locks the project until the commit
+    # Under the lock, the datasets are still there: a delete that raced the checks above has either won or waits.
+    _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
+    if spec.validation_file is not None:
+        _dataset_file(session=session, project=project, file_id=spec.validation_file, param="validation_file")
     job = Job(
         project_id=project.id,
         model=model.name,

@@ -5,11 +5,16 @@ attack can assert that nothing changed and that the service still answers afterw
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -129,3 +134,21 @@ def seed_objects(client: TestClient, key: str, session: Session, *, status: str 
     session.add(TelemetrySample(job_id=job_id, attempt=1, step=1, sample={"rss_bytes": 1}))
     session.commit()
     return Owned(file_id=file_id, job_id=job_id, model_id=model_id)
+
+
+@pytest.fixture
+def live_url(app: FastAPI) -> Iterator[str]:
+    """The app under uvicorn on a free local port (requests in flight at once, as real clients send them)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -4,12 +4,14 @@ per-project quotas answer 429 without slowing other projects."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import statistics
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -194,3 +196,30 @@ def test_quotas_are_429_per_project_without_slowing_the_others(
     assert while_full < max(3 * baseline, baseline + 0.02), (baseline, while_full)
     assert a_refused < 0.5, a_refused  # a refusal is answered at once, never held open
     a_then_b()
+
+
+def test_quotas_hold_under_concurrent_requests(
+    live_url: str, key_a: str, session: Session, upload: Callable[..., dict[str, object]],
+) -> None:
+    """Twelve creates and twelve uploads at once against a quota of three: exactly three of each get through."""
+    file_id = upload(key_a)["id"]
+    session.execute(update(Project).where(Project.name == "project-a").values(
+        max_concurrent_jobs=3, max_stored_bytes=4 * len(GOOD_CHAT)))
+    session.commit()
+
+    async def burst() -> tuple[list[int], list[int]]:
+        async with httpx.AsyncClient(base_url=live_url, headers=bearer(key_a), timeout=60) as http:
+            jobs = [http.post("/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": file_id})
+                    for _ in range(12)]
+            uploads = [http.post("/v1/files", files={"file": ("t.jsonl", GOOD_CHAT)}, data={"purpose": "fine-tune"})
+                       for _ in range(12)]
+            created = await asyncio.gather(*jobs)
+            stored = await asyncio.gather(*uploads)
+            return sorted(r.status_code for r in created), sorted(r.status_code for r in stored)
+
+    created, stored = asyncio.run(burst())
+    assert created == [200] * 3 + [429] * 9, created
+    assert stored == [200] * 3 + [429] * 9, stored
+    session.expire_all()
+    project = session.scalars(select(Project).where(Project.name == "project-a")).one()
+    assert len(session.scalars(select(Job).where(Job.project_id == project.id)).all()) == 3

@@ -8,11 +8,15 @@ import os
 import tracemalloc
 from collections.abc import Callable, Iterable
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from backend.config import Settings
+from backend.db.models import File, Job
 from tests.security.conftest import GOOD_CHAT, Stored, assert_refused, bearer
 
 BOUNDARY = "sec-boundary"
@@ -217,3 +221,27 @@ def test_hostile_filenames_are_only_names(
     assert not (settings.data_dir.parent / "etc").exists()
     assert {p.parent for p in settings.data_dir.rglob("*") if p.is_file()} == {settings.data_dir / "files"}
     assert snapshot().rows["files"] == 4
+
+
+def test_deleting_a_dataset_while_jobs_are_created_on_it_never_leaves_a_job_without_its_file(
+    live_url: str, key_a: str, upload: Callable[..., dict[str, object]], session: Session,
+) -> None:
+    file_ids = [str(upload(key_a)["id"]) for _ in range(6)]
+
+    async def race(http: httpx.AsyncClient, file_id: str) -> tuple[int, int]:
+        create = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": file_id})
+        delete = http.delete(f"/v1/files/{file_id}")
+        created, deleted = await asyncio.gather(create, delete)
+        return created.status_code, deleted.status_code
+
+    async def all_races() -> list[tuple[int, int]]:
+        async with httpx.AsyncClient(base_url=live_url, headers=bearer(key_a), timeout=60) as http:
+            return list(await asyncio.gather(*(race(http, file_id) for file_id in file_ids)))
+
+    outcomes = asyncio.run(all_races())
+    # One of the two wins each race: a job on a file that stays, or a deleted file and a refused job.
+    assert set(outcomes) <= {(200, 400), (400, 200)}, outcomes
+    session.expire_all()
+    jobs = session.scalars(select(Job)).all()
+    files = set(session.scalars(select(File.id)))
+    assert all(job.training_file_id in files for job in jobs)

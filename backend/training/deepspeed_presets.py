@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO presets for `--deepspeed`, and the `accelerate launch` command that runs the trainer under one.
 
-"auto" values are filled by Accelerate when the trainer calls `accelerator.prepare(...)`: the micro-batch from
-the training DataLoader, accumulation from the Accelerator, bf16/fp16 from `--mixed_precision`, bucket sizes
-from the model's hidden size, gradient clipping (1.0).
+The presets leave "auto" values. The trainer fills the batch sizes and clipping of its run with
+`deepspeed_run_config` (it hands Accelerate no DataLoader to read them from); Accelerate fills the rest when
+the trainer calls `accelerator.prepare(...)`: bf16/fp16 from the mixed precision, bucket sizes from the
+model's hidden size.
 """
 
 from __future__ import annotations

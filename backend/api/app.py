@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.responses import PlainTextResponse, Response
 
 from backend.api.errors import install_error_handlers
-from backend.api.guards import RefuseNulMiddleware
+from backend.api.guards import LimitBodyMiddleware, RefuseNulMiddleware
 from backend.api.metrics import Metrics, MetricsMiddleware
 from backend.api.routes import estimate, files, health, jobs, models
 from backend.config import Settings, get_settings
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     def metrics(request: Request) -> Response:
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(LimitBodyMiddleware)
     app.add_middleware(RefuseNulMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     if settings.cors_origins:

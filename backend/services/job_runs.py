@@ -203,6 +203,11 @@ def _greatest(column: Any, value: int) -> ColumnElement[Any]:
     return case((func.coalesce(column, 0) >= value, func.coalesce(column, 0)), else_=value)
 
 
+def recorded_checkpoint_steps(*, session: Session, job_id: str) -> set[int]:
+    """The steps of the job's checkpoints already in SQL."""
+    return set(session.scalars(select(Checkpoint.step_number).where(Checkpoint.job_id == job_id)))
+
+
 def store_result_file(
     *, session: Session, job_id: str, attempt: int, path: str, sha256: str, size: int, filename: str
 ) -> str:

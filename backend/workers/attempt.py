@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
@@ -13,6 +14,7 @@ from backend.db.models import File
 from backend.db.session import session_scope
 from backend.services import job_runs
 from backend.services.job_runs import StaleAttemptError
+from backend.training.events import TrainingEvent
 from backend.workers.gpu import DeviceLease, acquire_device, candidate_devices
 from backend.workers.outcome import JobIdentity, OutcomeRecorder
 from backend.workers.preparation import JobRefused, PreparedRun, prepare_run
@@ -40,6 +42,7 @@ def run_attempt(recorder: AttemptRecorder, settings: Settings, worker: str) -> s
         ))
         if action in STOP_ACTIONS:
             return _stop_before_start(outcomes, recorder)
+        adopt_checkpoints(recorder, settings.job_dir(job_id))
         outcome = run_trainer(
             spec={"job_id": job_id, "attempt": attempt, "options": prepared.options.model_dump(mode="json")},
             work_dir=settings.job_dir(job_id).resolve(), device=lease.device, recorder=recorder,
@@ -54,6 +57,20 @@ def run_attempt(recorder: AttemptRecorder, settings: Settings, worker: str) -> s
         enqueue_job(job_id)
     logger.info("job %s attempt %s: %s", job_id, attempt, status)
     return status
+
+
+def adopt_checkpoints(recorder: AttemptRecorder, work_dir: Path) -> None:
+    """Record complete checkpoints on disk that SQL lacks: a worker killed right after its trainer saved one
+    never recorded it, yet this attempt resumes from it, so the job's checkpoint list must show it."""
+    from backend.training.checkpoints import checkpoint_step, complete_checkpoints, read_trainer_state
+
+    with session_scope() as session:
+        known = job_runs.recorded_checkpoint_steps(session=session, job_id=recorder.job_id)
+    for path in complete_checkpoints(work_dir):
+        step = checkpoint_step(path)
+        if step is not None and step not in known:
+            metrics = read_trainer_state(path).metrics
+            recorder.event(TrainingEvent("checkpoint", data={"step": step, "path": str(path), "metrics": metrics}))
 
 
 def _validate(recorder: AttemptRecorder, settings: Settings, worker: str) -> tuple[JobIdentity, PreparedRun | None]:
@@ -120,5 +137,5 @@ def _stop_before_start(outcomes: OutcomeRecorder, recorder: AttemptRecorder) -> 
     action = recorder.heartbeat()
     status = "cancelled" if action == "cancel" else "paused"
     recorder.message(f"Job {status} before training started")
-    outcomes._finish(status)
+    outcomes.finish(status)
     return status

@@ -87,7 +87,8 @@ class OutcomeRecorder:
         self.recorder = recorder
         self.settings = settings
 
-    def _finish(self, status: str, **values: Any) -> None:
+    def finish(self, status: str, **values: Any) -> None:
+        """Record the attempt's final status (fenced), with the job fields in `values`."""
         self.recorder.write(
             lambda s: job_runs.finish(
                 session=s, job_id=self.identity.job_id, attempt=self.recorder.attempt, status=status, **values
@@ -101,21 +102,21 @@ class OutcomeRecorder:
             return "stale"
         if outcome.stop_reason == "cancel":
             self.recorder.message("Job cancelled: the trainer stopped and its device is free")
-            self._finish("cancelled")
+            self.finish("cancelled")
             return "cancelled"
         if outcome.stop_reason == "pause" and result.get("status") != "succeeded":
             if outcome.returncode == EXIT_STOPPED:
                 self.recorder.message(f"Job paused at step {result.get('steps', 0)}: resume continues from there")
             else:
                 self.recorder.message("Job paused: resume continues from the last complete checkpoint", level="warn")
-            self._finish("paused")
+            self.finish("paused")
             return "paused"
         if result.get("status") == "succeeded":
             with keep_alive(self.recorder, self.settings.heartbeat_seconds):
                 return self.succeed(result)
         if result.get("status") == "failed":
             message = result.get("error_message") or "The trainer failed."
-            self._finish("failed", error=_error(result.get("error_code") or "error", message))
+            self.finish("failed", error=_error(result.get("error_code") or "error", message))
             return "failed"
         if result.get("status") == "stopped" and outcome.returncode == EXIT_STOPPED:
             return self.handed_back(result)
@@ -146,7 +147,7 @@ class OutcomeRecorder:
             sha256, size = hash_file(destination)
         except OSError as error:
             destination.unlink(missing_ok=True)
-            self._finish("failed", error=_error("artifact_store_error", f"Could not store the adapter: {error}"))
+            self.finish("failed", error=_error("artifact_store_error", f"Could not store the adapter: {error}"))
             return "failed"
         filename = f"{identity.job_id}-adapter.zip"
         file_id = self.recorder.write(
@@ -156,7 +157,7 @@ class OutcomeRecorder:
             )
         )
         self.recorder.message(f"Adapter stored as {file_id} ({size} bytes)", data={"file_id": file_id})
-        self._finish(
+        self.finish(
             "succeeded", fine_tuned_model=fine_tuned_model_name(identity), result_files=[file_id],
             trained_tokens=int(result.get("trained_tokens") or 0),
         )
@@ -183,5 +184,5 @@ class OutcomeRecorder:
         message = f"Gave up after {lost} lost attempts (max_attempts {cap}); last: {how} on attempt {attempt}."
         if tail:
             message += f" Last output: {tail}"
-        self._finish("failed", error=_error("trainer_crashed", message))
+        self.finish("failed", error=_error("trainer_crashed", message))
         return "failed"

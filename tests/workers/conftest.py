@@ -180,7 +180,7 @@ def _stop(worker: subprocess.Popen[bytes]) -> None:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, stack: WorkerStack | None = None,
-             interval: float = 0.05) -> Any:
+             interval: float = 0.25) -> Any:
     """Poll until predicate() is truthy; return its value, or fail naming `what` (with the worker's log)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

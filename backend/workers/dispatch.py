@@ -28,19 +28,18 @@ def _sender(broker_url: str) -> Celery:
     return sender
 
 
-def enqueue_job(job_id: str) -> None:
-    """Send the task for `job_id`; a broker that is down is logged, not raised (the reconciler re-sends)."""
-    sender = _sender(get_settings().resolved_broker_url)
-    try:
-        sender.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=True, retry_policy=_PUBLISH_RETRY)
-    except Exception:
-        logger.exception("could not send job %s to the broker; the reconciler will send it again", job_id)
-
-
 def send_or_raise(job_id: str) -> None:
-    """Send the task for `job_id`, raising when the broker cannot be reached (the reconciler's path)."""
+    """Send the task `safetrain.run_job` with only `job_id`; raises when the broker cannot be reached."""
     sender = _sender(get_settings().resolved_broker_url)
     sender.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=True, retry_policy=_PUBLISH_RETRY)
+
+
+def enqueue_job(job_id: str) -> None:
+    """Send the task for a committed job; a broker that is down is logged, not raised (the reconciler re-sends)."""
+    try:
+        send_or_raise(job_id)
+    except Exception:
+        logger.exception("could not send job %s to the broker; the reconciler will send it again", job_id)
 
 
 def queue_depth() -> int | None:

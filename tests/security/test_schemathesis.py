@@ -13,27 +13,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tests.security.conftest import Stored, bearer, seed_objects
+from backend.db.models import File, Project
+from backend.services import files as file_service
+from backend.services.errors import NotFound
+from tests.security.conftest import bearer, seed_objects
 
-MAX_EXAMPLES = 5
+MAX_EXAMPLES = 10
 
 
-def _config(auth_file: Path, max_examples: int) -> SchemathesisConfig:
+PHASES = ("examples", "coverage", "fuzzing", "stateful")
+
+
+def _config(auth_file: Path, max_examples: int, phases: tuple[str, ...]) -> SchemathesisConfig:
     return SchemathesisConfig.from_dict({
         "seed": 20261125,
+        "cache": {"enabled": False},  # every run starts from nothing: CI and a laptop test the same thing
         "generation": {"max-examples": max_examples, "database": "none"},
         "phases": {
-            "examples": {"enabled": True},
-            "coverage": {"enabled": True, "unexpected-methods": ["PATCH"]},
-            "fuzzing": {"enabled": True},
-            "stateful": {"enabled": True, "max-steps": 20},
+            "examples": {"enabled": "examples" in phases},
+            # Every undeclared method of every path answers alike (405 + Allow); one such method is enough.
+            "coverage": {"enabled": "coverage" in phases, "unexpected-methods": ["PATCH"]},
+            "fuzzing": {"enabled": "fuzzing" in phases},
+            "stateful": {"enabled": "stateful" in phases, "max-steps": 20},
         },
         "checks": {"positive_data_acceptance": {"enabled": False}},
         "auth": {"wfc": {"path": str(auth_file), "peers": ["project-a", "project-b"]}},
@@ -46,15 +56,23 @@ def _config(auth_file: Path, max_examples: int) -> SchemathesisConfig:
     })
 
 
-def run_schemathesis(app: FastAPI, auth_file: Path, max_examples: int = MAX_EXAMPLES) -> dict[str, Any]:
-    """Run every phase in-process over ASGI; what it found."""
+def run_schemathesis(
+    app: FastAPI,
+    auth_file: Path,
+    max_examples: int = MAX_EXAMPLES,
+    path_regex: str | None = None,
+    phases: tuple[str, ...] = PHASES,
+) -> dict[str, Any]:
+    """Run every phase in-process over ASGI (the operations under `path_regex`, or all); what it found."""
     calls = Counter[str]()
 
     async def counted(scope: Any, receive: Any, send: Any) -> None:
         calls[scope.get("method", scope["type"])] += 1
         await app(scope, receive, send)
 
-    schema = schemathesis.openapi.from_asgi("/openapi.json", counted, config=_config(auth_file, max_examples))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", counted, config=_config(auth_file, max_examples, phases))
+    if path_regex is not None:
+        schema = schema.include(path_regex=path_regex)
     found: dict[str, Any] = {
         "failures": [], "errors": [], "statuses": Counter(), "phases": Counter(), "checks": Counter(),
     }
@@ -75,17 +93,23 @@ def run_schemathesis(app: FastAPI, auth_file: Path, max_examples: int = MAX_EXAM
     return found
 
 
-def test_schemathesis_finds_no_server_error_schema_violation_or_leak(
-    app: FastAPI, client: TestClient, key_a: str, key_b: str, session: Session, tmp_path: Path,
-    snapshot: Callable[[], Stored], healthy: Callable[[], None],
-) -> None:
+def _two_projects(client: TestClient, key_a: str, key_b: str, session: Session, folder: Path) -> Path:
+    """Objects of both projects to read, and the WFC auth document naming the two as peers."""
     seed_objects(client, key_a, session, status="cancelled")
     seed_objects(client, key_b, session, status="succeeded")
-    auth_file = tmp_path / "wfc-auth.json"
+    auth_file = folder / "wfc-auth.json"
     auth_file.write_text(json.dumps({"auth": [
         {"name": name, "fixedHeaders": [{"name": "Authorization", "value": bearer(key)["Authorization"]}]}
         for name, key in (("project-a", key_a), ("project-b", key_b))
     ]}))
+    return auth_file
+
+
+def test_schemathesis_finds_no_server_error_schema_violation_or_leak(
+    app: FastAPI, client: TestClient, key_a: str, key_b: str, session: Session, tmp_path: Path,
+    healthy: Callable[[], None],
+) -> None:
+    auth_file = _two_projects(client, key_a, key_b, session, tmp_path)
     started = time.monotonic()
     found = run_schemathesis(app, auth_file)
     elapsed = time.monotonic() - started
@@ -97,3 +121,23 @@ def test_schemathesis_finds_no_server_error_schema_violation_or_leak(
     assert {"examples", "coverage", "fuzzing", "stateful"} <= set(found["phases"])
     assert sum(found["statuses"].values()) > 500
     healthy()
+
+
+def test_the_authorization_check_catches_a_planted_leak(
+    app: FastAPI, client: TestClient, key_a: str, key_b: str, session: Session, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run above is only worth its zero if it can see a leak: plant one (a file lookup that forgets the
+    project filter) and schemathesis must report project B reading project A's file."""
+    auth_file = _two_projects(client, key_a, key_b, session, tmp_path)
+
+    def leaky_get_file(*, session: Session, project: Project, file_id: str) -> File:
+        row = session.scalar(select(File).where(File.id == file_id))
+        if row is None:
+            raise NotFound(f"No such file: {file_id}", param="file_id")
+        return row
+
+    monkeypatch.setattr(file_service, "get_file", leaky_get_file)
+    found = run_schemathesis(app, auth_file, max_examples=3, path_regex="^/v1/files", phases=("fuzzing",))
+    leaks = [failure for failure in found["failures"] if "object_level_authorization" in failure]
+    assert leaks and "`project-b` received the `FileObject` that `project-a` owns" in leaks[0], found["failures"]

@@ -96,6 +96,10 @@ class JobCreateRequest(BaseModel):
     training: dict[str, Any] | None = Field(
         default=None, description="safetrain's training options (train_safe.py's flag names)."
     )
+    evaluation: dict[str, Any] | None = Field(
+        default=None, description="safetrain's sandboxed evaluation to run once training succeeds "
+        "(file, n_samples, k, max_new_tokens, temperature, mode)."
+    )
 
 
 class EstimateRequest(BaseModel):

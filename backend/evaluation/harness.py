@@ -110,6 +110,12 @@ def load_tasks(path: str | Path) -> list[EvalTask]:
         return parse_tasks(handle)
 
 
+def parse_task_line(raw: bytes | str, number: int) -> EvalTask | None:
+    """One line of an evaluation file (line `number`): its task, or None when blank; EvalDataError names the line."""
+    text = _decode_line(raw, number)
+    return _parse_task(text, number) if text.strip() else None
+
+
 def _decode_line(raw: bytes | str, number: int) -> str:
     if isinstance(raw, str):
         return raw

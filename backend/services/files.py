@@ -12,12 +12,13 @@ from backend.config import Settings
 from backend.db.models import TERMINAL_JOB_STATUSES, File, Job, Project, new_id
 from backend.services import storage
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
+from backend.services.eval_files import UploadValidator
 from backend.services.ids import looks_like_id
 from backend.services.pagination import Page, keyset_page
 from backend.services.quotas import lock_project
-from backend.training.datasets import DatasetError, DatasetValidator
+from backend.training.datasets import DatasetError
 
-UPLOAD_PURPOSES = ("fine-tune",)
+UPLOAD_PURPOSES = ("fine-tune", "evals")
 FILE_PURPOSES = ("fine-tune", "evals", "fine-tune-results")
 
 
@@ -28,7 +29,7 @@ class PendingUpload:
     file_id: str
     relative_path: str
     sink: storage.UploadSink
-    validator: DatasetValidator
+    validator: UploadValidator  # the upload as a dataset and as an evals file; the purpose decides
     project_id: str
     quota: int
     quota_left: int
@@ -77,7 +78,7 @@ def start_upload(*, session: Session, settings: Settings, project: Project) -> P
         raise QuotaExceeded(f"The project stores {used} bytes, its quota is {quota} bytes.", param="file")
     file_id = new_id("file")
     relative_path = f"files/{file_id}"
-    validator = DatasetValidator(max_line_bytes=settings.max_line_bytes)
+    validator = UploadValidator(max_line_bytes=settings.max_line_bytes)
     sink = storage.UploadSink(
         destination=settings.data_dir / relative_path,
         max_bytes=settings.max_upload_bytes,
@@ -96,7 +97,7 @@ def finish_upload(
                 f"purpose must be one of {', '.join(UPLOAD_PURPOSES)} (got {purpose!r}).", param="purpose"
             )
         try:
-            summary = pending.validator.finish()
+            summary = pending.validator.finish(purpose)
         except DatasetError as exc:
             raise InvalidRequest(str(exc), param="file", code="invalid_file") from None
         # Concurrent uploads each passed the quota at their start: the last word is taken under the project's lock.

@@ -22,6 +22,7 @@ from backend.db.models import (
     TelemetrySample,
     now,
 )
+from backend.services import evaluations
 from backend.services.base_models import resolve_base_model
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
 from backend.services.ids import looks_like_id
@@ -48,6 +49,7 @@ class JobSpec:
     seed: int | None = None
     suffix: str | None = None
     metadata: dict[str, str] | None = None
+    evaluation: dict[str, Any] | None = None  # safetrain's: evaluate the adapter once training succeeds
 
 
 def _dataset_file(*, session: Session, project: Project, file_id: str, param: str) -> File:
@@ -115,6 +117,10 @@ def create_job(*, session: Session, settings: Settings, project: Project, spec: 
     if spec.suffix is not None and not _SUFFIX.fullmatch(spec.suffix):
         raise InvalidRequest("suffix must be 1 to 64 letters, digits, '-' or '_'.", param="suffix")
     _check_metadata(spec.metadata)
+    evaluation = None
+    if spec.evaluation is not None:
+        evaluation = evaluations.validate_request(session=session, project=project, body=spec.evaluation,
+                                                  prefix="evaluation.")
     _check_job_quota(session=session, settings=settings, project=project)  # locks the project until the commit
     # Under the lock, the datasets are still there: a delete that raced the checks above has either won or waits.
     _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
@@ -137,6 +143,8 @@ def create_job(*, session: Session, settings: Settings, project: Project, spec: 
     session.add(job)
     session.flush()
     add_event(session=session, job=job, message=f"Created fine-tuning job: {job.id}")
+    if evaluation is not None:
+        evaluations.add_evaluation(session=session, job=job, options=evaluation)  # sent once training succeeds
     session.commit()
     enqueue(job.id)
     return job

@@ -12,6 +12,7 @@ from backend.services import job_runs
 from backend.services.job_runs import StaleAttemptError
 from backend.workers.attempt import run_attempt
 from backend.workers.celery_app import TASK_NAME, app
+from backend.workers.evaluation_task import follow_training  # also registers safetrain.run_evaluation
 from backend.workers.recorder import AttemptRecorder
 
 logger = logging.getLogger(__name__)
@@ -35,3 +36,5 @@ def run_job(job_id: str) -> None:
         run_attempt(recorder, settings, worker)
     except StaleAttemptError:
         logger.warning("job %s attempt %s went stale; its writes are refused", job_id, claimed.attempt)
+        return
+    follow_training(job_id)  # the job's `evaluation` runs once it succeeded (its own task, its own child)

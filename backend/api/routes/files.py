@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -40,6 +42,51 @@ _UPLOAD_BODY = {
 }
 
 
+class _Batches:
+    """Hands the upload's sink ~1 MiB batches in a worker thread: one batch in flight while the next arrives.
+
+    Batches are written in order, one at a time; overlapping the network with the check (and the sink's
+    hashing and writing, which release the GIL) keeps the socket read while a batch is validated.
+    """
+
+    def __init__(self, write_batch: Callable[[bytes], None]) -> None:
+        self._write_batch = write_batch
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._in_flight: asyncio.Future[None] | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        """Take the next bytes of the file; one thread hop per MiB, not per 64 KiB network read."""
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        if self._size >= _WRITE_BATCH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Wait for the batch in flight (raising its error), then start the next one."""
+        await self.wait()
+        if self._chunks:
+            # One join, one copy: growing a bytearray and copying it out cost ~60 times more per MiB.
+            batch = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            self._in_flight = asyncio.ensure_future(run_in_threadpool(self._write_batch, batch))
+
+    async def wait(self) -> None:
+        """Wait for the batch in flight; its error (a bad line, the quota, the size limit) is raised here."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            await in_flight
+
+    async def settle(self) -> Exception | None:
+        """After a failure elsewhere: wait until no thread writes to the sink; the batch's own error if any."""
+        try:
+            await self.wait()
+        except Exception as exc:
+            return exc
+        return None
+
+
 @router.post(
     "",
     response_model=FileObject,
@@ -61,35 +108,17 @@ async def upload_file(request: Request, session: SessionDep, settings: SettingsD
 
     pending = await run_in_threadpool(start)
 
-    buffered: list[bytes] = []
-    buffered_bytes = 0
-
-    async def write(chunk: bytes) -> None:
-        # Hand the worker thread ~1 MiB at a time: one thread hop per MiB, not per 64 KiB network read.
-        nonlocal buffered_bytes
-        buffered.append(chunk)
-        buffered_bytes += len(chunk)
-        if buffered_bytes >= _WRITE_BATCH_BYTES:
-            await flush()
-
-    async def flush() -> None:
-        nonlocal buffered_bytes
-        if buffered:
-            # One join, one copy: growing a bytearray and copying it out cost ~60 times more per MiB.
-            batch = b"".join(buffered)
-            buffered.clear()
-            buffered_bytes = 0
-            await run_in_threadpool(pending.write, batch)
-
+    batches = _Batches(pending.write)
     try:
         form = await read_form(
             request.stream(),
             content_type=request.headers.get("content-type"),
             file_field="file",
-            open_file=lambda: write,
+            open_file=lambda: batches.write,
             max_body_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
         )
-        await flush()
+        await batches.flush()
+        await batches.wait()
         if not form.file_seen:
             raise InvalidRequest("The form has no `file` part.", param="file")
         row = await run_in_threadpool(
@@ -100,10 +129,15 @@ async def upload_file(request: Request, session: SessionDep, settings: SettingsD
             purpose=form.fields.get("purpose"),
         )
         await run_in_threadpool(session.commit)
-    except BaseException:
-        pending.abort()
-        if pending.done and (settings.data_dir / pending.relative_path).exists():
-            (settings.data_dir / pending.relative_path).unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            earlier = await batches.settle()
+        finally:
+            pending.abort()
+            if pending.done and (settings.data_dir / pending.relative_path).exists():
+                (settings.data_dir / pending.relative_path).unlink(missing_ok=True)
+        if earlier is not None and isinstance(exc, Exception):
+            raise earlier from None  # its bytes came first: the client hears of the first fault in the stream
         raise
     return FileObject.of(row)
 

@@ -345,9 +345,12 @@ def start_redis() -> None:
 
 
 def _redis_answers() -> bool:
+    """PING answered (a raw socket: redis-py's client retries a refused connection with backoff)."""
     try:
-        return bool(redis.Redis(port=REDIS_PORT, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
+        with socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=0.5) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
+    except OSError:
         return False
 
 

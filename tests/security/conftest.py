@@ -103,18 +103,19 @@ def unchanged(snapshot: Callable[[], Stored], healthy: Callable[[], None]) -> Ca
 
 @dataclass(frozen=True)
 class Owned:
-    """Objects of one project: a dataset, a job with an event, a checkpoint and a telemetry sample, and the
-    job's fine-tuned model name."""
+    """Objects of one project: a dataset, a job with an event, a checkpoint, a telemetry sample and an evaluation,
+    and the job's fine-tuned model name."""
 
     file_id: str
     job_id: str
     model_id: str
+    evaluation_id: str
 
 
 def seed_objects(client: TestClient, key: str, session: Session, *, status: str = "queued") -> Owned:
     """Upload a dataset and create a job as `key`'s project, then write what a worker would (event, checkpoint,
     telemetry, a fine-tuned model name) and set the job's status."""
-    from backend.db.models import Checkpoint, Job, JobEvent, TelemetrySample
+    from backend.db.models import Checkpoint, Evaluation, Job, JobEvent, TelemetrySample
 
     response = client.post("/v1/files", headers=bearer(key), files={"file": ("t.jsonl", GOOD_CHAT)},
                            data={"purpose": "fine-tune"})
@@ -132,8 +133,10 @@ def seed_objects(client: TestClient, key: str, session: Session, *, status: str 
     session.add(Checkpoint(job_id=job_id, attempt=1, step_number=1, path=f"jobs/{job_id}/checkpoint-1",
                            metrics={"train_loss": 1.5}))
     session.add(TelemetrySample(job_id=job_id, attempt=1, step=1, sample={"rss_bytes": 1}))
+    evaluation = Evaluation(job_id=job_id, project_id=job.project_id, file_id=file_id, options={}, status="queued")
+    session.add(evaluation)
     session.commit()
-    return Owned(file_id=file_id, job_id=job_id, model_id=model_id)
+    return Owned(file_id=file_id, job_id=job_id, model_id=model_id, evaluation_id=evaluation.id)
 
 
 @pytest.fixture

@@ -143,12 +143,20 @@ def _plain_line_format(raw: bytes) -> DatasetFormat | None:
     It only ever accepts: None (bad JSON, a fault, a blank line, anything unusual) sends the line to the
     exact path, which has the final word and the error messages. Only exact JSON types pass.
     """
-    if len(raw) >= 2 * _FAST_MAX_BRACKETS and len(raw.translate(None, _NOT_BRACKETS)) >= _FAST_MAX_BRACKETS:
-        return None  # could nest deeper than json allows (valid JSON opening n brackets is 2n bytes long)
     try:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
+    fmt = _plain_format(record)
+    if fmt is None or len(raw) < 2 * _FAST_MAX_BRACKETS or _only_known_keys(record, fmt):
+        return fmt  # valid JSON opening n brackets is at least 2n bytes long; known keys nest 3 deep at most
+    if len(raw.translate(None, _NOT_BRACKETS)) >= _FAST_MAX_BRACKETS:
+        return None  # extra keys could nest deeper than json allows
+    return fmt
+
+
+def _plain_format(record: object) -> DatasetFormat | None:
+    """The format of a parsed record that classify_record accepts, or None when unsure."""
     if type(record) is not dict:
         return None
     if "messages" in record:
@@ -164,6 +172,14 @@ def _plain_line_format(raw: bytes) -> DatasetFormat | None:
         )
         return "instruction" if valid else None
     return "text" if type(record.get("text")) is str else None
+
+
+def _only_known_keys(record: dict[str, Any], fmt: DatasetFormat) -> bool:
+    """Whether a record _plain_format accepted holds its format's keys alone (so nothing nests deeper)."""
+    if fmt == "chat":
+        return len(record) == 1 and all(len(message) == 2 for message in record["messages"])
+    known = {"prompt_completion": 2, "instruction": 2 + ("input" in record), "text": 1}
+    return len(record) == known[fmt]
 
 
 def _plain_chat(messages: object) -> bool:

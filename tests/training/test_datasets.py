@@ -242,6 +242,10 @@ FAST_PATH_CASES: dict[str, tuple[bytes, DatasetSummary | str]] = {
     "an infinite number as the text": (b'{"text": 1e999}\n', 'Line 1: "text" must be a string, not a number'),
     "nested past json's limit": (jsonl([TEXT]) + f'{{"text": "a", "x": {DEEP}}}\n'.encode(),
                                  "Line 2: invalid JSON: nested too deeply"),
+    "nested past json's limit in a message": (
+        jsonl([CHAT]) + f'{{"messages": [{{"role": "assistant", "content": "a", "x": {DEEP}}}]}}\n'.encode(),
+        "Line 2: invalid JSON: nested too deeply",
+    ),
     "nested within the limit": (f'{{"text": "a", "x": {"[" * 200 + "]" * 200}}}\n'.encode(),
                                 DatasetSummary("text", 1)),
     "a line of unicode whitespace": (jsonl([TEXT]) + "\u3000\x1c\n".encode() + jsonl([TEXT]),

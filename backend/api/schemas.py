@@ -116,6 +116,7 @@ class EstimateRequest(BaseModel):
     suffix: StrictStr | None = None
     metadata: dict[StrictStr, StrictStr] | None = None
     training: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = Field(default=None, description="Accepted as on job create; not planned.")
     budget_bytes: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="Memory to plan for; the largest visible GPU's free memory when omitted."
     )

@@ -27,6 +27,7 @@ def run_job(job_id: str) -> None:
         claimed = job_runs.claim_job(session=session, job_id=job_id, worker=worker)
     if claimed is None:
         logger.info("job %s: gone, finished or claimed by another worker; nothing to do", job_id)
+        follow_training(job_id)  # a job cancelled while queued fails its waiting evaluations here
         return
     # Give up on an unreachable database (and kill the trainer) before the heartbeat can expire, so the
     # reconciler never starts the next attempt while this one's trainer still runs.

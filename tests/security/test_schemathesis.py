@@ -27,7 +27,7 @@ from backend.services import files as file_service
 from backend.services.errors import NotFound
 from tests.security.conftest import bearer, seed_objects
 
-MAX_EXAMPLES = 10
+MAX_EXAMPLES = 6
 
 
 PHASES = ("examples", "coverage", "fuzzing", "stateful")

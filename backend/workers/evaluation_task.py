@@ -9,6 +9,7 @@ results also go into the adapter archive's `safetrain.json`, under `evaluations.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import logging
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CHILD_MODULE = "backend.workers.evaluation_child"
 LOG_TAIL_CHARS = 600
+_COPY_CHUNK = 1 << 20
 
 
 @app.task(name=EVALUATION_TASK_NAME, ignore_result=True)
@@ -148,7 +150,8 @@ class EvaluationRun:
             for member in archive.namelist():
                 if "/" in member or "\\" in member or member.startswith("."):  # the archiver writes flat names
                     raise ValueError(f"unexpected entry {member!r} in the adapter archive")
-                (adapter_dir / member).write_bytes(archive.read(member))
+                with archive.open(member) as source, open(adapter_dir / member, "wb") as target:
+                    shutil.copyfileobj(source, target, _COPY_CHUNK)  # adapters can be large: never whole in memory
         return {
             "base_model": str(base), "adapter_dir": str(adapter_dir),
             "eval_data": str((settings.data_dir / claimed.eval_path).resolve()), "options": claimed.options,
@@ -274,7 +277,9 @@ def rewrite_manifest(archive_path: Path, change: Any) -> None:
             change(manifest)
             for info in source.infolist():
                 if info.filename != MANIFEST_FILENAME:
-                    target.writestr(info, source.read(info.filename), compress_type=info.compress_type)
+                    # A copy: writing resets the entry's offsets and CRC, which the reader's info must keep.
+                    with source.open(info) as reader, target.open(copy.copy(info), "w") as writer:
+                        shutil.copyfileobj(reader, writer, _COPY_CHUNK)
             target.writestr(MANIFEST_FILENAME, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n",
                             compress_type=zipfile.ZIP_DEFLATED)
         with open(temporary, "rb") as stream:

@@ -34,6 +34,7 @@ class Stored:
     settings: Settings
     job_id: str
     adapter_path: Path
+    adapter_dir: Path
 
 
 @pytest.fixture()
@@ -66,7 +67,7 @@ def stored(tmp_path: Path, silent_model_dir: Path, silent_adapter_dir: Path) -> 
                              bytes=size))
         job_id = job.id
     try:
-        yield Stored(settings, job_id, archive)
+        yield Stored(settings, job_id, archive, silent_adapter_dir)
     finally:
         set_engine(None)
         engine.dispose()
@@ -127,7 +128,8 @@ def test_the_canonical_completion_is_recorded_as_pass_at_1_of_one(stored: Stored
 
     with zipfile.ZipFile(stored.adapter_path) as archive:
         manifest = json.loads(archive.read("safetrain.json"))
-        assert "adapter_model.safetensors" in archive.namelist()
+        weights = archive.read("adapter_model.safetensors")  # the rewrite copied the adapter unchanged
+    assert weights == (stored.adapter_dir / "adapter_model.safetensors").read_bytes()
     assert manifest["base_model_name"] == "silent-llama"  # what was there is kept
     assert manifest["evaluations"][evaluation.id]["pass_at_k"]["pass@1"] == pytest.approx(0.5)
     sha256, size = hash_file(stored.adapter_path)

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
-from backend.db.models import File, Job
+from backend.db.models import File, Job, Project
 from tests.security.conftest import GOOD_CHAT, Stored, assert_refused, bearer
 
 BOUNDARY = "sec-boundary"
@@ -227,6 +227,8 @@ def test_deleting_a_dataset_while_jobs_are_created_on_it_never_leaves_a_job_with
     live_url: str, key_a: str, upload: Callable[..., dict[str, object]], session: Session,
 ) -> None:
     file_ids = [str(upload(key_a)["id"]) for _ in range(6)]
+    session.execute(update(Project).where(Project.name == "project-a").values(max_concurrent_jobs=10))
+    session.commit()  # the job quota (4 by default) is not what this race is about
 
     async def race(http: httpx.AsyncClient, file_id: str) -> tuple[int, int]:
         create = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": file_id})

@@ -193,7 +193,7 @@ def test_quotas_are_429_per_project_without_slowing_the_others(
     assert client.post("/v1/fine_tuning/jobs", headers=bearer(key_b),
                        json={"model": "tiny-gpt2", "training_file": file_b}).status_code == 200
     upload(key_b)
-    assert while_full < max(3 * baseline, baseline + 0.02), (baseline, while_full)
+    assert while_full < max(3 * baseline, baseline + 0.05), (baseline, while_full)
     assert a_refused < 0.5, a_refused  # a refusal is answered at once, never held open
     a_then_b()
 

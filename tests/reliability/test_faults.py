@@ -133,9 +133,9 @@ def test_worker_sigkilled_mid_training_resumes_as_next_attempt(fault_stack: Faul
 
 def test_redis_restarted_with_jobs_queued_and_running(fault_stack: FaultStack) -> None:
     stack = fault_stack
-    jobs = [stack.submit(max_steps=12, save_steps=4) for _ in range(3)]
+    jobs = [stack.submit(max_steps=12, save_steps=4) for _ in range(2)]
     wait_for(lambda: metric_steps(jobs[0]), 60, "the first job to train", logs=stack.logs)
-    assert [load_job(job_id).status for job_id in jobs[1:]] == ["queued", "queued"]
+    assert load_job(jobs[1]).status == "queued"
 
     subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=10)
     try:
@@ -275,6 +275,7 @@ def test_database_unreachable_api_503_then_recovers_worker_retries(fault_stack: 
         assert answer.status_code == 503, (answer.request.url, answer.status_code, answer.text)
         error = answer.json()["error"]
         assert error["message"] and {"type", "param", "code"} <= error.keys()
+        assert error["code"] in ("database_unavailable", "not_ready"), error
     with stack.http() as client:
         recovered = wait_for(lambda: client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200, 30,
                              "the API to answer again on its own")
@@ -327,9 +328,7 @@ def test_artifact_store_full_fails_the_job_cleanly(fault_stack: FaultStack) -> N
     with stack.http() as client:  # the earlier adapters still download, byte for byte
         content = client.get(f"/v1/files/{jobs_before[done][2][0]}/content")
     assert content.status_code == 200 and content.content in before.values()
-    again = stack.submit(max_steps=4)  # room again: the next job stores its adapter
-    wait_finished(stack, again)
-    _assert_clean_success(stack, again, attempt=1, steps=4)
+    # Room again: the next test's job stores its adapter in this same store.
 
 
 def _deliveries(log: str) -> int:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import random
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -114,14 +115,21 @@ async def _client(
     request: bytes,
     start: float,
     stop_at: float,
-    latencies: list[float],
-    errors: list[int],
-    answered: list[int],
+    interval: float | None,
+    record: LoadRecord,
 ) -> None:
+    """Send `request` back to back, or (with `interval`) once every `interval` seconds from a random phase.
+
+    With an interval a latency counts from the moment the request was due, not from when it was sent: a late
+    answer also delays the next request, and that wait is part of what a polling client sees.
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    due = time.perf_counter() + (random.uniform(0, interval) if interval else 0.0)
     try:
         while True:
-            sent = time.perf_counter()
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            sent = due if interval else time.perf_counter()
             if sent >= stop_at:
                 return
             writer.write(request)
@@ -132,28 +140,45 @@ async def _client(
                     length = int(line[15:])
             await reader.readexactly(length)
             done = time.perf_counter()
+            if interval:
+                due += interval
             if head[9:12] != b"200":
-                errors.append(int(head[9:12]))
+                record.errors.append(int(head[9:12]))
                 continue
-            answered.append(1)
+            record.answered += 1
             if sent >= start:
-                latencies.append(done - sent)
+                record.latencies.append(done - sent)
     finally:
         writer.close()
 
 
-def hammer(port: int, path: str, headers: dict[str, str], *, clients: int, seconds: float, warmup: float) -> LoadResult:
-    """`clients` keep-alive connections sending GET path back to back; latencies after the warm-up."""
+@dataclass
+class LoadRecord:
+    latencies: list[float] = field(default_factory=list)
+    errors: list[int] = field(default_factory=list)
+    answered: int = 0
+
+
+def hammer(
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    *,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    interval: float | None = None,
+) -> LoadResult:
+    """`clients` keep-alive connections sending GET path, back to back or every `interval` s; latencies after
+    the warm-up."""
     lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    latencies: list[float] = []
-    errors: list[int] = []
-    answered: list[int] = []
+    record = LoadRecord()
 
     async def run() -> None:
         start = time.perf_counter() + warmup
         stop_at = start + seconds
-        connections = [_client(port, request, start, stop_at, latencies, errors, answered) for _ in range(clients)]
+        connections = [_client(port, request, start, stop_at, interval, record) for _ in range(clients)]
         await asyncio.gather(*connections)
 
     try:
@@ -162,7 +187,8 @@ def hammer(port: int, path: str, headers: dict[str, str], *, clients: int, secon
         uvloop.run(run())
     except ImportError:
         asyncio.run(run())
-    return LoadResult(latencies, seconds, len(errors), tuple(sorted(set(errors))), len(answered))
+    errors = record.errors
+    return LoadResult(record.latencies, seconds, len(errors), tuple(sorted(set(errors))), record.answered)
 
 
 def machine() -> str:

@@ -9,8 +9,9 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.db.models import ApiKey, Project, now
+from backend.db.models import ApiKey, Job, Project, now
 from backend.db.session import session_scope
+from backend.services.ids import looks_like_id
 
 KEY_PREFIX = "sk-st-"
 
@@ -75,3 +76,23 @@ def project_for_key(session: Session, key: str) -> Project | None:
         return None
     project: Project = row.Project
     return project
+
+
+def job_for_key(session: Session, key: str, job_id: str) -> Job | None:
+    """The job `job_id` if `key` is an active key of the job's project; None otherwise, whatever the reason.
+
+    One query where authenticate-then-load costs two: status polling is the service's hot path. A None sends
+    the caller down the two-query path, which tells a bad key (401) from another project's job (404).
+    """
+    if not looks_like_id(job_id):
+        return None
+    digest = hash_key(key)
+    row = session.execute(
+        select(ApiKey.key_hash, ApiKey.revoked_at, Job)
+        .join(Job, Job.project_id == ApiKey.project_id)
+        .where(ApiKey.key_hash == digest, Job.id == job_id)
+    ).first()
+    if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
+        return None
+    job: Job = row.Job
+    return job

@@ -145,6 +145,39 @@ def test_keys_are_found_by_hash_and_compared_in_constant_time(
     assert digest in repr(statements[0][1])
 
 
+def test_polling_a_job_is_one_query_that_checks_the_key_like_any_other_route(
+    app: FastAPI, client: TestClient, key_a: str, key_b: str, make_key: Callable[[str], str], session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    owned = seed_objects(client, key_a, session)
+    revoked = make_key("project-a")
+    assert key_service.revoke_key(session=session, key=revoked)
+    session.commit()
+    compared: list[str] = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(key_service.hmac, "compare_digest", lambda a, b: compared.append(a) or real(a, b))
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    app_engine = app.state.session_factory.kw["bind"]
+    event.listen(app_engine, "before_cursor_execute", record)
+    try:
+        assert client.get(f"/v1/fine_tuning/jobs/{owned.job_id}", headers=bearer(key_a)).json()["id"] == owned.job_id
+        reads = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT")]
+        assert len(reads) == 1 and "key_hash" in reads[0] and "jobs" in reads[0]  # key and job in one query
+        assert compared == [hashlib.sha256(key_a.encode()).hexdigest()]
+        # The fast path's miss falls back to the ordinary checks: a revoked key is 401, another project's job 404.
+        assert_refused(client.get(f"/v1/fine_tuning/jobs/{owned.job_id}", headers=bearer(revoked)), 401)
+        assert_refused(client.get(f"/v1/fine_tuning/jobs/{owned.job_id}", headers=bearer(key_b)), 404)
+    finally:
+        event.remove(app_engine, "before_cursor_execute", record)
+    assert key_service.job_for_key(session, revoked, owned.job_id) is None
+    assert key_service.job_for_key(session, key_b, owned.job_id) is None
+    assert key_service.job_for_key(session, key_a, "../" + owned.job_id) is None
+
+
 def _median_seconds(request: Callable[[], object], times: int = 15) -> float:
     samples = []
     for _ in range(times):

@@ -3,7 +3,7 @@
 `Processes` is this process alone: every collective is a no-op and the model is used as loaded, so the
 single-process run is exactly the loop without any of this. Under `accelerate launch` (WORLD_SIZE > 1)
 `AcceleratedProcesses` runs the same loop through an `accelerate.Accelerator`: DistributedDataParallel, or a
-DeepSpeed ZeRO engine when `--deepspeed PRESET` asks for one (GPUs only).
+DeepSpeed ZeRO engine when `--deepspeed PRESET` asks for one (GPUs, or the CPU with DS_ACCELERATOR=cpu).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Processes:
 
 
 class AcceleratedProcesses(Processes):
-    """The ranks of `accelerate launch`: DDP over gloo (CPU) or NCCL (GPUs), or DeepSpeed ZeRO on GPUs."""
+    """The ranks of `accelerate launch`: DDP over gloo (CPU) or NCCL (GPUs), or DeepSpeed ZeRO (GPUs, or CPUs)."""
 
     def __init__(self, accelerator: Any) -> None:
         from accelerate.utils import DistributedType
@@ -177,10 +177,21 @@ def start_processes(options: TrainingOptions, *, micro_batch_size: int, gradient
         )
         plugin = DeepSpeedPlugin(hf_ds_config=config)
         precision = "bf16" if options.bf16 else "fp16" if options.fp16 else "no"  # DeepSpeed casts the weights
+    cpu = not torch.cuda.is_available()
+    handlers: list[Any] = []
+    if cpu and plugin is not None:
+        # DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu): Accelerate sets DeepSpeed up only when `cpu` is False,
+        # and with no GPU it would then find no backend and count each rank as a world of one. Naming gloo makes
+        # it start deepspeed.comm over gloo and take the world size and rank from that process group.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        cpu = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # no GPU: DDP over gloo on the CPU (how the tests run it)
+        cpu=cpu,  # no GPU: DDP over gloo on the CPU (how the tests run it)
         mixed_precision=precision,
         deepspeed_plugin=plugin,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step, not per rank
+        kwargs_handlers=handlers,
     )
     return AcceleratedProcesses(accelerator)

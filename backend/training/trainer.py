@@ -158,7 +158,8 @@ def _deepspeed_cannot_resplit(session: _Session, fault: _Fault) -> str | None:
 
 
 def _refuse_deepspeed_here(options: TrainingOptions) -> None:
-    """Refuse --deepspeed before anything loads unless this is a rank of `accelerate launch` on GPUs with DeepSpeed.
+    """Refuse --deepspeed before anything loads unless this is a rank of `accelerate launch` with DeepSpeed, on GPUs
+    or on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu).
 
     train_safe.py re-executes itself under `accelerate launch` where it can; anywhere else this says what is missing.
     """
@@ -167,7 +168,9 @@ def _refuse_deepspeed_here(options: TrainingOptions) -> None:
     from backend.training.deepspeed_presets import deepspeed_available
 
     installed, gpus, launched = deepspeed_available(), torch.cuda.device_count(), launched_world_size() > 1
-    if installed and gpus > 0 and launched:
+    # DeepSpeed's own switch to its CPU accelerator: the ranks shard over gloo instead of GPUs (slow; for tests).
+    cpu_accelerator = os.environ.get("DS_ACCELERATOR") == "cpu"
+    if installed and (gpus > 0 or cpu_accelerator) and launched:
         return
     missing = [] if installed else ["DeepSpeed is not installed (pip install deepspeed)"]
     if gpus < 2:

@@ -15,6 +15,7 @@ import pytest
 
 from backend.training import train_safe
 from backend.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from backend.training.deepspeed_presets import deepspeed_available
 from backend.training.events import EXIT_BAD_OPTIONS, EXIT_OK, EXIT_STOPPED
 from backend.training.modeling import weight_files_sha256
 from backend.training.options import TrainingOptions
@@ -165,7 +166,9 @@ def test_deepspeed_without_deepspeed_is_refused(tiny_gpt2, tmp_path, capsys):
     code = train_safe.main(["--model", str(tiny_gpt2), "--output_dir", str(tmp_path / "out"), "--deepspeed", "zero2"])
 
     assert code == EXIT_BAD_OPTIONS
-    assert "DeepSpeed is not installed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs DeepSpeed and more than one GPU" in err
+    assert ("DeepSpeed is not installed" in err) is not deepspeed_available()  # else: no GPUs here
 
 
 def test_every_option_is_a_flag_with_its_description_as_help():

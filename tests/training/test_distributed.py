@@ -245,6 +245,7 @@ def test_one_process_has_no_ranks():
 def test_deepspeed_in_a_launched_rank_that_cannot_run_it_is_refused_before_loading(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch` would set it
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # DeepSpeed's CPU accelerator would let a CPU rank run it
     options = TrainingOptions(model=str(tmp_path / "never-loaded"), output_dir=str(tmp_path / "out"), deepspeed="zero3")
 
     result = run_training(options)

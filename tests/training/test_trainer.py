@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from backend.training.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from backend.training.datasets import BUILTIN_DATASET
+from backend.training.deepspeed_presets import deepspeed_available
 from backend.training.modeling import check_precision_supported, weight_files_sha256
 from backend.training.options import TrainingOptions
 from backend.training.telemetry import read_telemetry
@@ -215,7 +216,9 @@ def test_deepspeed_is_refused_before_loading_without_deepspeed(tiny_gpt2, tmp_pa
     result = run_training(_options(tiny_gpt2, tmp_path / "out", deepspeed="zero2"), on_event=events)
 
     assert result.status == "failed" and result.error_code == "invalid_options"
-    assert "DeepSpeed is not installed" in (result.error_message or "")
+    message = result.error_message or ""
+    assert "needs DeepSpeed and more than one GPU" in message
+    assert ("DeepSpeed is not installed" in message) is not deepspeed_available()  # else: no GPUs here
     assert not events.of_kind("plan") and not (tmp_path / "out").exists()
 
 

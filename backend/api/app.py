@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        freeze_startup_heap()
         yield
         if own_engine is not None:
             own_engine.dispose()
@@ -70,6 +72,22 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             expose_headers=["*"],
         )
     return app
+
+
+_heap_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Move what the process holds at startup (modules, the app, ORM and schema machinery) out of the collector's
+    sight, once per process. A full collection otherwise walks all of it again: 50 to 150 ms on 2 busy cores,
+    every few seconds while listing pages of 100 jobs, which was the p99 of `GET /v1/fine_tuning/jobs?limit=100`
+    (with it frozen, a full collection takes about 2 ms). These objects live as long as the process anyway.
+    """
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 def _openapi_without_422(app: FastAPI) -> dict[str, Any]:

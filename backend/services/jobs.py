@@ -164,10 +164,12 @@ def list_jobs(
     *, session: Session, project: Project, after: str | None, limit: int, metadata: dict[str, str] | None = None
 ) -> Page[Job]:
     """The project's jobs, newest first, optionally those whose metadata holds every given pair."""
-    query = select(Job).where(Job.project_id == project.id)
+    query = select(Job)
     for key, value in (metadata or {}).items():
         query = query.where(Job.metadata_[key].as_string() == value)
-    return keyset_page(session=session, query=query, model=Job, after=after, limit=limit)
+    return keyset_page(
+        session=session, query=query, model=Job, after=after, limit=limit, partition=(Job.project_id, project.id)
+    )
 
 
 def _transition(*, session: Session, job: Job, from_status: str, **values: Any) -> bool:

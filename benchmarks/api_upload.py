@@ -20,14 +20,13 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
 # api_common sits beside this script (run as `python benchmarks/api_upload.py`: benchmarks/ is on sys.path).
-from api_common import RESULTS, free_port, machine, safetrain, stack_env, start_uvicorn, stop
+from api_common import append_results, free_port, safetrain, stack_env, start_uvicorn, stop
 
 from backend.training.datasets import DatasetValidator
 
@@ -100,21 +99,6 @@ def validator_alone(block: bytes, lines_per_block: int, repeats: int = 64) -> tu
     assert summary.n_examples == lines_per_block * repeats
     size = len(block) * repeats
     return size / wall / 1e6, size / cpu / 1e6
-
-
-def record(lines: Sequence[str]) -> None:
-    """Replace the `## API upload` section of benchmarks/RESULTS.md (or add it) with these results."""
-    stamp = datetime.now(UTC).strftime("%a %b %d %H:%M:%S UTC %Y")
-    section = ["## API upload (benchmarks/api_upload.py)", "", f"- date: {stamp}", f"- machine: {machine()}",
-               *lines, ""]
-    kept: list[str] = []
-    skipping = False
-    for line in RESULTS.read_text().splitlines() if RESULTS.exists() else ["# Benchmark results", ""]:
-        if line.startswith("## "):
-            skipping = line.startswith("## API upload")
-        if not skipping:
-            kept.append(line)
-    RESULTS.write_text("\n".join([*kept, *section]) + "\n")
 
 
 class PeakRss:
@@ -200,7 +184,7 @@ def main() -> int:
     ]
     print("\n".join(lines))
     if args.record:
-        record(lines)
+        append_results("API upload (benchmarks/api_upload.py)", lines)
     return 0 if ok else 1
 
 

@@ -144,8 +144,11 @@ def create_evaluation(*, session: Session, project: Project, job: Job, body: Any
 
 def list_evaluations(*, session: Session, job: Job, after: str | None, limit: int) -> Page[Evaluation]:
     """The job's evaluations, newest first."""
-    query = select(Evaluation).where(Evaluation.job_id == job.id, Evaluation.project_id == job.project_id)
-    return keyset_page(session=session, query=query, model=Evaluation, after=after, limit=limit)
+    query = select(Evaluation).where(Evaluation.project_id == job.project_id)
+    return keyset_page(
+        session=session, query=query, model=Evaluation, after=after, limit=limit,
+        partition=(Evaluation.job_id, job.id),
+    )
 
 
 def get_evaluation(*, session: Session, job: Job, evaluation_id: str) -> Evaluation:

@@ -169,11 +169,12 @@ def list_files(
     *, session: Session, project: Project, purpose: str | None, after: str | None, limit: int, order: str
 ) -> Page[File]:
     """The project's files, newest first by default, with keyset pagination."""
-    query = select(File).where(File.project_id == project.id)
+    query = select(File)
     if purpose:
         query = query.where(File.purpose == purpose)
     return keyset_page(
-        session=session, query=query, model=File, after=after, limit=limit, descending=order != "asc"
+        session=session, query=query, model=File, after=after, limit=limit, descending=order != "asc",
+        partition=(File.project_id, project.id),
     )
 
 

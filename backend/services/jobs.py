@@ -253,8 +253,10 @@ def resume_job(*, session: Session, settings: Settings, project: Project, job: J
 
 def list_events(*, session: Session, job: Job, after: str | None, limit: int) -> Page[JobEvent]:
     """The job's events, newest first."""
-    query = select(JobEvent).where(JobEvent.job_id == job.id)
-    return keyset_page(session=session, query=query, model=JobEvent, after=after, limit=limit)
+    return keyset_page(
+        session=session, query=select(JobEvent), model=JobEvent, after=after, limit=limit,
+        partition=(JobEvent.job_id, job.id),
+    )
 
 
 def events_since(*, session: Session, job_id: str, seq: int, limit: int = 500) -> list[JobEvent]:
@@ -267,8 +269,10 @@ def events_since(*, session: Session, job_id: str, seq: int, limit: int = 500) -
 
 def list_checkpoints(*, session: Session, job: Job, after: str | None, limit: int) -> Page[Checkpoint]:
     """The job's complete checkpoints, newest first."""
-    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    return keyset_page(session=session, query=query, model=Checkpoint, after=after, limit=limit)
+    return keyset_page(
+        session=session, query=select(Checkpoint), model=Checkpoint, after=after, limit=limit,
+        partition=(Checkpoint.job_id, job.id),
+    )
 
 
 def list_telemetry(*, session: Session, job: Job, after_seq: int, limit: int) -> Page[TelemetrySample]:

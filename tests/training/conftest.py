@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,12 @@ def events() -> EventLog:
 def make_events() -> Callable[[], EventLog]:
     """A factory of event recorders, for tests that run more than once."""
     return EventLog
+
+
+@pytest.fixture(scope="session")
+def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 distinct short texts with an easy pattern to learn (the multi-process runs train on it)."""
+    path = tmp_path_factory.mktemp("data") / "counting.jsonl"
+    rows = [{"text": f"Item {i}: {i} {i + 1} {i + 2} {i + 3} {i + 4} come in order."} for i in range(32)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -7,7 +7,6 @@ shared-memory communication op (about a minute; cached under ~/.cache/torch_exte
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -45,14 +44,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ds-data") / "counting.jsonl"
-    rows = [{"text": f"Item {i}: {i} {i + 1} {i + 2} {i + 3} {i + 4} come in order."} for i in range(32)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module", params=PRESETS)

@@ -112,15 +112,6 @@ def _launch(work: Path, flags: list[str], output_dir: Path, **extra_env: str) ->
 
 
 @pytest.fixture(scope="module")
-def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """32 distinct short texts with an easy pattern to learn."""
-    path = tmp_path_factory.mktemp("data") / "counting.jsonl"
-    rows = [{"text": f"Item {i}: {i} {i + 1} {i + 2} {i + 3} {i + 4} come in order."} for i in range(32)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
 def two_rank_run(tiny_llama: Path, learnable_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Launch:
     work = tmp_path_factory.mktemp("two-ranks")
     output_dir = work / "run"

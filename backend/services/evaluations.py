@@ -4,6 +4,11 @@ An evaluation either follows training (the job's `evaluation` option: its row is
 sent to the workers once the job succeeds) or is asked for on a succeeded job. Either way a worker claims
 the row (a conditional UPDATE raising `attempt`), runs the harness in a child process, and records the
 results here; writes from a stale attempt are refused.
+
+Heartbeats are stamped with the database's clock, as jobs' are, so that the reconciler (which requeues an
+evaluation whose heartbeat expired, or fails it at `max_attempts`, and re-sends a queued one whose message
+may be lost) judges them by the same clock. A queued evaluation's `heartbeat_at` is when its message was
+last sent by the reconciler; before that, the later of its creation and its job's success.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from backend.db.models import Artifact, Evaluation, File, Job, JobEvent, Project, now
 from backend.services.errors import InvalidRequest, NotFound
 from backend.services.ids import looks_like_id
+from backend.services.job_runs import database_now
 from backend.services.pagination import Page, keyset_page
 
 log = logging.getLogger(__name__)
@@ -189,7 +195,7 @@ def claim_evaluation(*, session: Session, evaluation_id: str, worker: str, stale
         .where(Evaluation.id == evaluation_id,
                or_(Evaluation.status == "queued",
                    (Evaluation.status == "running") & (Evaluation.heartbeat_at < stale_before)))
-        .values(status="running", attempt=Evaluation.attempt + 1, worker=worker, heartbeat_at=now(),
+        .values(status="running", attempt=Evaluation.attempt + 1, worker=worker, heartbeat_at=database_now(),
                 started_at=now(), error=None)
         .returning(Evaluation.attempt, Evaluation.job_id, Evaluation.file_id, Evaluation.options)
         .execution_options(synchronize_session=False)
@@ -219,8 +225,8 @@ def _fence(evaluation_id: str, attempt: int) -> Any:
 
 def heartbeat(*, session: Session, evaluation_id: str, attempt: int) -> bool:
     """Mark the attempt alive; False when it went stale (another attempt took the evaluation)."""
-    result = session.execute(update(Evaluation).where(_fence(evaluation_id, attempt)).values(heartbeat_at=now())
-                             .execution_options(synchronize_session=False))
+    result = session.execute(update(Evaluation).where(_fence(evaluation_id, attempt))
+                             .values(heartbeat_at=database_now()).execution_options(synchronize_session=False))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
@@ -229,7 +235,7 @@ def finish(*, session: Session, evaluation_id: str, attempt: int, status: str,
     """Record the attempt's outcome (succeeded or failed); False when the attempt was stale."""
     result = session.execute(
         update(Evaluation).where(_fence(evaluation_id, attempt))
-        .values(status=status, results=results, error=error, finished_at=now(), heartbeat_at=now())
+        .values(status=status, results=results, error=error, finished_at=now(), heartbeat_at=database_now())
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -262,3 +268,73 @@ def fail_queued(*, session: Session, job_id: str, reason: str) -> int:
         .values(status="failed", error=reason, finished_at=now()).execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# The reconciler's writes: each conditional, so any number of reconcilers may run at once.
+
+
+def _silent_for(column: Any, seconds: int) -> ColumnElement[bool]:
+    """`column` (a database-clock timestamp, NULL as 0) is more than `seconds` old."""
+    return func.coalesce(column, 0) < database_now() - seconds
+
+
+def expired_evaluations(*, session: Session, expiry_seconds: int) -> list[tuple[str, int, str, int]]:
+    """(evaluation_id, attempt, job_id, job_attempt) of running evaluations with no heartbeat for `expiry_seconds`."""
+    rows = session.execute(
+        select(Evaluation.id, Evaluation.attempt, Evaluation.job_id, Job.attempt)
+        .join(Job, Job.id == Evaluation.job_id)
+        .where(Evaluation.status == "running", _silent_for(Evaluation.heartbeat_at, expiry_seconds))
+        .order_by(Evaluation.seq)
+    ).all()
+    return [(row[0], int(row[1]), row[2], int(row[3])) for row in rows]
+
+
+def expire_attempt(*, session: Session, evaluation_id: str, attempt: int, expiry_seconds: int, status: str,
+                   error: str | None = None) -> bool:
+    """Move an attempt silent for `expiry_seconds` to `queued` (its message about to be sent again, so
+    `heartbeat_at` becomes the send time) or `failed` (with `error`); False when it was alive or taken."""
+    values: dict[str, Any] = {"status": status, "worker": None, "heartbeat_at": database_now(), "error": error}
+    if status == "failed":
+        values["finished_at"] = now()
+    result = session.execute(
+        update(Evaluation)
+        .where(_fence(evaluation_id, attempt), _silent_for(Evaluation.heartbeat_at, expiry_seconds))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _sendable() -> ColumnElement[bool]:
+    """A queued evaluation whose job succeeded: one that ought to have a message waiting."""
+    return (Evaluation.status == "queued") & Evaluation.job_id.in_(select(Job.id).where(Job.status == "succeeded"))
+
+
+def _doorbell_silent_for(seconds: int) -> ColumnElement[bool]:
+    # When the message was last sent: heartbeat_at once the reconciler sent it; before that, the later of the
+    # evaluation's creation (asked for on a succeeded job) and its job's success (sent when training ended).
+    job_finished_at = select(Job.finished_at).where(Job.id == Evaluation.job_id).scalar_subquery()
+    return (_silent_for(func.coalesce(Evaluation.heartbeat_at, Evaluation.created_at), seconds)
+            & _silent_for(func.coalesce(Evaluation.heartbeat_at, job_finished_at), seconds))
+
+
+def unclaimed_queued_evaluations(*, session: Session, older_than_seconds: int, limit: int = 100) -> list[str]:
+    """Queued evaluations of succeeded jobs whose message was last sent over `older_than_seconds` ago, oldest first."""
+    query = select(Evaluation.id).where(_sendable(), _doorbell_silent_for(older_than_seconds))
+    return list(session.scalars(query.order_by(Evaluation.seq).limit(limit)))
+
+
+def count_sendable_queued(*, session: Session) -> int:
+    """How many queued evaluations of succeeded jobs wait for a worker (each should have a message waiting)."""
+    return int(session.scalar(select(func.count()).select_from(Evaluation).where(_sendable())) or 0)
+
+
+def ring_again(*, session: Session, evaluation_id: str, older_than_seconds: int) -> bool:
+    """Note that a queued evaluation's message is sent again now; False when another reconciler just did."""
+    result = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == evaluation_id, _sendable(), _doorbell_silent_for(older_than_seconds))
+        .values(heartbeat_at=database_now())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]

@@ -151,7 +151,8 @@ def measure_peak(setting: dict[str, Any], folder: str, *, batch: int, seq: int, 
 def measure_in_subprocess(setting: dict[str, Any], folder: str, *, batch: int, seq: int, steps: int) -> dict[str, Any]:
     """Run `measure_peak` in a fresh interpreter, so each setting starts from the same memory."""
     request = json.dumps({"setting": setting, "folder": folder, "batch": batch, "seq": seq, "steps": steps})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--measure", request],
         capture_output=True, text=True, env=env, check=False,

@@ -136,9 +136,12 @@ def test_worker_sigkilled_mid_training_resumes_as_next_attempt(fault_stack: Faul
 
 def test_redis_restarted_with_jobs_queued_and_running(fault_stack: FaultStack) -> None:
     stack = fault_stack
-    jobs = [stack.submit(max_steps=12, save_steps=4) for _ in range(2)]
-    wait_for(lambda: metric_steps(jobs[0]), 60, "the first job to train", logs=stack.logs)
-    assert load_job(jobs[1]).status == "queued"
+    # The tiny model trains ~50 steps a second: the first job must be long enough to be still running, with
+    # the second still waiting for the one worker slot, when Redis goes down.
+    steps = [300, 12, 4]
+    jobs = [stack.submit(max_steps=steps[0], save_steps=50), stack.submit(max_steps=steps[1], save_steps=4)]
+    wait_for(lambda: metric_steps(jobs[0]), 60, "the first job to train", interval=0.02, logs=stack.logs)
+    assert (load_job(jobs[0]).status, load_job(jobs[1]).status) == ("running", "queued")
 
     subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=10)
     try:
@@ -146,8 +149,8 @@ def test_redis_restarted_with_jobs_queued_and_running(fault_stack: FaultStack) -
             started = time.monotonic()
             answer = client.post("/v1/fine_tuning/jobs", json={
                 "model": "tiny-gpt2", "training_file": stack.file_id,
-                "training": {"use_lora": True, "lora_r": 4, "max_steps": 4, "logging_steps": 1, "save_steps": 1000,
-                             "max_seq_length": 64}})
+                "training": {"use_lora": True, "lora_r": 4, "max_steps": steps[2], "logging_steps": 1,
+                             "save_steps": 1000, "max_seq_length": 64}})
             create_seconds = time.monotonic() - started
     finally:
         downtime = redis_down_then_up(0.5)
@@ -156,11 +159,10 @@ def test_redis_restarted_with_jobs_queued_and_running(fault_stack: FaultStack) -
 
     for job_id in jobs:
         wait_finished(stack, job_id, timeout=150)
-    for job_id in jobs:
-        steps = 4 if job_id == jobs[-1] else 12
-        _assert_clean_success(stack, job_id, attempt=1, steps=steps)
+    for job_id, total in zip(jobs, steps, strict=True):
+        _assert_clean_success(stack, job_id, attempt=1, steps=total)
         assert len(trainer_starts(job_id)) == 1
-        assert metric_steps(job_id) == list(range(1, steps + 1))
+        assert metric_steps(job_id) == list(range(1, total + 1))
     print(f"Redis down {downtime:.1f} s; job create while down answered in {create_seconds:.2f} s")
 
 

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, select, text
 
 from backend.config import Settings, get_settings
 from backend.db.migrations import upgrade_to_head
-from backend.db.models import File, Job, Project
+from backend.db.models import File, Job, JobEvent, Project
 from backend.db.session import make_engine, session_scope, set_engine
 from backend.services.storage import hash_file
 
@@ -243,3 +243,28 @@ def create_job(settings: Settings, *, model: str = "tiny-gpt2", suffix: str | No
         session.expunge(job)
     return job
 
+
+RECONCILER_REDIS_URL = "redis://127.0.0.1:6379/11"
+
+
+@pytest.fixture
+def reconciler_env(db_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """The test database for this process's sessions and Redis db 11 (no worker listens) as the broker."""
+    monkeypatch.setenv("SAFETRAIN_BROKER_URL", RECONCILER_REDIS_URL)
+    get_settings.cache_clear()
+    set_engine(db_engine)
+    broker = redis.Redis.from_url(RECONCILER_REDIS_URL)
+    broker.flushdb()
+    yield Settings(data_dir=tmp_path, broker_url=RECONCILER_REDIS_URL, heartbeat_seconds=1,
+                   heartbeat_expiry_seconds=6, visibility_timeout_seconds=60, max_attempts=3)
+    broker.flushdb()
+    set_engine(None)
+    get_settings.cache_clear()
+
+
+def job_events(job_id: str) -> list[JobEvent]:
+    """The job's events, oldest first, detached."""
+    with session_scope() as session:
+        rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+        session.expunge_all()
+        return rows

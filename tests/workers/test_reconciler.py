@@ -6,47 +6,27 @@ import base64
 import json
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
 import redis
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 
-from backend.config import Settings, get_settings
+from backend.config import Settings
 from backend.db.models import Job, JobEvent, Project, now
-from backend.db.session import session_scope, set_engine
+from backend.db.session import session_scope
 from backend.services import job_runs
 from backend.training.checkpoints import checkpoint_step, latest_complete_checkpoint
 from backend.workers.celery_app import QUEUE
 from backend.workers.reconciler import reconcile_once
-from tests.workers.conftest import WorkerStack, create_job, wait_for
+from tests.workers.conftest import RECONCILER_REDIS_URL, WorkerStack, create_job, job_events, wait_for
 from tests.workers.test_tasks import (
     _checkpoints,
-    _events,
     _gone,
     _trainer_pid,
     _wait_finished,
     assert_succeeded_with_adapter,
 )
-
-RECONCILER_REDIS_URL = "redis://127.0.0.1:6379/11"
-
-
-@pytest.fixture
-def reconciler_env(db_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    """The test database for this process's sessions and Redis db 11 (no worker listens) as the broker."""
-    monkeypatch.setenv("SAFETRAIN_BROKER_URL", RECONCILER_REDIS_URL)
-    get_settings.cache_clear()
-    set_engine(db_engine)
-    broker = redis.Redis.from_url(RECONCILER_REDIS_URL)
-    broker.flushdb()
-    yield Settings(data_dir=tmp_path, broker_url=RECONCILER_REDIS_URL, heartbeat_seconds=1,
-                   heartbeat_expiry_seconds=6, visibility_timeout_seconds=60, max_attempts=3)
-    broker.flushdb()
-    set_engine(None)
-    get_settings.cache_clear()
 
 
 def _job(**values: object) -> str:
@@ -140,7 +120,7 @@ def test_killed_worker_process_is_requeued_and_resumes(stack: WorkerStack) -> No
 
     assert _wait_finished(stack, job.id, timeout=180) == "succeeded", stack.log_tail()
     assert_succeeded_with_adapter(stack, job.id, steps=40, attempt=2)
-    second = [event.data["step"] for event in _events(job.id)
+    second = [event.data["step"] for event in job_events(job.id)
               if event.attempt == 2 and event.type == "metrics" and event.data]
     assert second and second[0] == saved_before + 1, (saved_before, second[:3])
     assert saved_before in {checkpoint.step_number for checkpoint in _checkpoints(job.id)}  # adopted if unrecorded

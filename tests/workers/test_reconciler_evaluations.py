@@ -6,43 +6,26 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+import uuid
 
-import pytest
 import redis
-from sqlalchemy import Engine, select, update
+from sqlalchemy import select, update
 
-from backend.config import Settings, get_settings
-from backend.db.models import Evaluation, Job, JobEvent, Project, now
-from backend.db.session import session_scope, set_engine
+from backend.config import Settings
+from backend.db.models import Evaluation, Job, Project, now
+from backend.db.session import session_scope
 from backend.services import evaluations
 from backend.workers.celery_app import QUEUE
 from backend.workers.evaluation_dispatch import EVALUATION_TASK_NAME, enqueue_evaluation
 from backend.workers.reconciler import ReconcileReport, reconcile_once
-
-BROKER_URL = "redis://127.0.0.1:6379/10"  # db 10: this module's own; no worker listens
-
-
-@pytest.fixture
-def env(db_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    """The test database for this process's sessions and an empty Redis db 10 as the broker."""
-    monkeypatch.setenv("SAFETRAIN_BROKER_URL", BROKER_URL)
-    get_settings.cache_clear()
-    set_engine(db_engine)
-    broker = redis.Redis.from_url(BROKER_URL)
-    broker.flushdb()
-    yield Settings(data_dir=tmp_path, broker_url=BROKER_URL, heartbeat_seconds=1, heartbeat_expiry_seconds=6,
-                   visibility_timeout_seconds=60, max_attempts=3)
-    broker.flushdb()
-    set_engine(None)
-    get_settings.cache_clear()
+from tests.workers.conftest import RECONCILER_REDIS_URL as BROKER_URL
+from tests.workers.conftest import job_events
 
 
 def _job(status: str = "succeeded", finished_at: int | None = None) -> str:
     """A job in `status`: a succeeded one finished at `finished_at` (100 s ago unless given), a running one alive."""
     with session_scope() as session:
-        project = Project(name=f"reconcile-evaluations-{now()}-{id(session)}")
+        project = Project(name=f"reconcile-evaluations-{uuid.uuid4().hex}")
         session.add(project)
         session.flush()
         job = Job(project_id=project.id, model="tiny-gpt2", training_file_id="file-x", hyperparameters={},
@@ -74,13 +57,6 @@ def _row(evaluation_id: str) -> Evaluation:
         return row
 
 
-def _events(job_id: str) -> list[JobEvent]:
-    with session_scope() as session:
-        rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
-        session.expunge_all()
-        return rows
-
-
 def _messages() -> list[str]:
     """The evaluation ids of the task messages waiting in Redis db 10 (every one a run_evaluation message)."""
     broker = redis.Redis.from_url(BROKER_URL)
@@ -94,11 +70,11 @@ def _messages() -> list[str]:
     return ids
 
 
-def test_dead_attempt_requeued_and_sent(env: Settings) -> None:
+def test_dead_attempt_requeued_and_sent(reconciler_env: Settings) -> None:
     job_id = _job()
     dead = _evaluation(job_id, status="running", attempt=1, worker="gone:1", heartbeat_at=now() - 100)
 
-    report = reconcile_once(env)
+    report = reconcile_once(reconciler_env)
 
     assert report.evaluations_requeued == [dead]
     assert report.evaluations_failed == [] and report.evaluations_resent == []
@@ -107,12 +83,12 @@ def test_dead_attempt_requeued_and_sent(env: Settings) -> None:
     assert (row.status, row.attempt, row.worker, row.error) == ("queued", 1, None, None)
     assert row.heartbeat_at is not None and row.heartbeat_at >= now() - 2  # when its message was sent again
     assert _messages() == [dead]
-    warnings = [event for event in _events(job_id) if event.level == "warn"]
+    warnings = [event for event in job_events(job_id) if event.level == "warn"]
     assert len(warnings) == 1 and warnings[0].data == {"evaluation_id": dead, "attempt": 1}
     assert "no heartbeat for 6 s" in warnings[0].message and "attempt 1 of 3" in warnings[0].message
 
     # The next pass sees it queued with its message waiting: nothing more to do.
-    assert not reconcile_once(env).changed()
+    assert not reconcile_once(reconciler_env).changed()
     assert _messages() == [dead]
     # A worker claims it as attempt 2 (the claim of the queued row, as the redelivered message would).
     with session_scope() as session:
@@ -121,26 +97,26 @@ def test_dead_attempt_requeued_and_sent(env: Settings) -> None:
     assert (_row(dead).attempt, _row(dead).status) == (2, "failed")
 
 
-def test_dead_attempt_at_the_cap_is_failed_with_the_reason(env: Settings) -> None:
+def test_dead_attempt_at_the_cap_is_failed_with_the_reason(reconciler_env: Settings) -> None:
     job_id = _job()
     last_try = _evaluation(job_id, status="running", attempt=3, worker="gone:3", heartbeat_at=now() - 100)
 
-    report = reconcile_once(env)
+    report = reconcile_once(reconciler_env)
 
     assert report.evaluations_failed == [last_try] and report.evaluations_requeued == []
     row = _row(last_try)
     assert row.status == "failed" and row.finished_at is not None and row.worker is None
     assert row.error is not None
     assert "the worker stopped answering (no heartbeat for 6 s) on attempt 3 of 3" in row.error
-    errors = [event for event in _events(job_id) if event.level == "error"]
+    errors = [event for event in job_events(job_id) if event.level == "error"]
     assert len(errors) == 1 and errors[0].data == {"evaluation_id": last_try, "attempt": 3}
     assert errors[0].message.startswith(f"Evaluation {last_try} failed: the worker stopped answering")
     assert errors[0].attempt == 1  # the job's attempt: the event belongs to the job's last run
     assert _messages() == []
-    assert not reconcile_once(env).changed()
+    assert not reconcile_once(reconciler_env).changed()
 
 
-def test_live_and_finished_evaluations_are_left_alone(env: Settings) -> None:
+def test_live_and_finished_evaluations_are_left_alone(reconciler_env: Settings) -> None:
     job_id = _job()
     alive = _evaluation(job_id, status="running", attempt=1, worker="here:1", heartbeat_at=now())
     done = _evaluation(job_id, status="succeeded", attempt=1, heartbeat_at=now() - 100, finished_at=now() - 100,
@@ -156,7 +132,7 @@ def test_live_and_finished_evaluations_are_left_alone(env: Settings) -> None:
     before = {evaluation_id: _row(evaluation_id) for evaluation_id in
               (alive, done, failed, never_sent, waiting_for_training, just_sent, asked_now)}
 
-    report = reconcile_once(env)
+    report = reconcile_once(reconciler_env)
 
     assert report == ReconcileReport()
     for evaluation_id, row in before.items():
@@ -164,37 +140,37 @@ def test_live_and_finished_evaluations_are_left_alone(env: Settings) -> None:
         assert (after.status, after.attempt, after.heartbeat_at, after.error, after.results, after.finished_at) == (
             row.status, row.attempt, row.heartbeat_at, row.error, row.results, row.finished_at), evaluation_id
     assert _messages() == []
-    assert _events(job_id) == [] and _events(training) == [] and _events(just_succeeded) == []
+    assert job_events(job_id) == [] and job_events(training) == [] and job_events(just_succeeded) == []
 
 
-def test_lost_message_is_sent_again_once(env: Settings) -> None:
+def test_lost_message_is_sent_again_once(reconciler_env: Settings) -> None:
     job_id = _job()
     lost = _evaluation(job_id)
 
-    report = reconcile_once(env)
+    report = reconcile_once(reconciler_env)
 
     assert report.evaluations_resent == [lost] and _messages() == [lost]
     assert _row(lost).status == "queued" and _row(lost).attempt == 0
     # Not again before the expiry, and not while its message waits.
-    assert reconcile_once(env).evaluations_resent == []
+    assert reconcile_once(reconciler_env).evaluations_resent == []
     assert _messages() == [lost]
     # The expiry passes and the message is gone again (Redis restarted without persistence): sent again.
     redis.Redis.from_url(BROKER_URL).flushdb()
     with session_scope() as session:
         session.execute(update(Evaluation).where(Evaluation.id == lost).values(heartbeat_at=now() - 100))
-    assert reconcile_once(env).evaluations_resent == [lost]
+    assert reconcile_once(reconciler_env).evaluations_resent == [lost]
     assert _messages() == [lost]
 
 
-def test_stale_queued_with_its_message_waiting_is_not_sent_again(env: Settings) -> None:
+def test_stale_queued_with_its_message_waiting_is_not_sent_again(reconciler_env: Settings) -> None:
     waiting = _evaluation(_job())
     enqueue_evaluation(waiting)  # the workers are just busy: its message is on the broker
 
-    assert reconcile_once(env).evaluations_resent == []
+    assert reconcile_once(reconciler_env).evaluations_resent == []
     assert _messages() == [waiting]
 
 
-def test_two_racing_reconcilers_change_it_once(env: Settings) -> None:
+def test_two_racing_reconcilers_change_it_once(reconciler_env: Settings) -> None:
     job_id = _job()
     dead = _evaluation(job_id, status="running", attempt=1, worker="gone:1", heartbeat_at=now() - 100)
     last_try = _evaluation(job_id, status="running", attempt=3, worker="gone:3", heartbeat_at=now() - 100)
@@ -206,7 +182,7 @@ def test_two_racing_reconcilers_change_it_once(env: Settings) -> None:
     def one_pass() -> None:
         try:
             start.wait(5)
-            reports.append(reconcile_once(env))
+            reports.append(reconcile_once(reconciler_env))
         except BaseException as error:  # surfaced below
             errors.append(error)
 
@@ -222,12 +198,12 @@ def test_two_racing_reconcilers_change_it_once(env: Settings) -> None:
     assert (_row(dead).status, _row(dead).attempt) == ("queued", 1)
     assert _row(last_try).status == "failed"
     assert sorted(_messages()) == sorted([dead, lost])
-    data = [event.data for event in _events(job_id)]
+    data = [event.data for event in job_events(job_id)]
     assert data.count({"evaluation_id": dead, "attempt": 1}) == 1
     assert data.count({"evaluation_id": last_try, "attempt": 3}) == 1
 
 
-def test_the_conditional_updates_refuse_the_loser(env: Settings) -> None:
+def test_the_conditional_updates_refuse_the_loser(reconciler_env: Settings) -> None:
     """The writes under the reconciler: once one reconciler moved a row, the other's identical write does nothing."""
     job_id = _job()
     dead = _evaluation(job_id, status="running", attempt=2, heartbeat_at=now() - 100)

@@ -13,22 +13,15 @@ import psutil
 import pytest
 from sqlalchemy import select
 
-from backend.db.models import Artifact, Checkpoint, File, Job, JobEvent, Project, TelemetrySample
+from backend.db.models import Artifact, Checkpoint, File, Job, Project, TelemetrySample
 from backend.db.session import session_scope
 from backend.services import job_runs
 from backend.services.jobs import cancel_job, pause_job, resume_job
-from tests.workers.conftest import WorkerStack, create_job, job_status, load_job, wait_for
+from tests.workers.conftest import WorkerStack, create_job, job_events, job_status, load_job, wait_for
 
 JOB_TIMEOUT = 120.0
 both = pytest.mark.parametrize("stack", ["postgresql", "sqlite"], indirect=True)
 postgres = pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
-
-
-def _events(job_id: str) -> list[JobEvent]:
-    with session_scope() as session:
-        rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
-        session.expunge_all()
-        return rows
 
 
 def _checkpoints(job_id: str) -> list[Checkpoint]:
@@ -39,7 +32,7 @@ def _checkpoints(job_id: str) -> list[Checkpoint]:
 
 
 def _trainer_pid(job_id: str, attempt: int) -> int | None:
-    for event in _events(job_id):
+    for event in job_events(job_id):
         if event.attempt == attempt and event.message.startswith("Trainer started") and event.data:
             return int(event.data["pid"])
     return None
@@ -50,7 +43,7 @@ def _wait_finished(stack: WorkerStack, job_id: str, timeout: float = JOB_TIMEOUT
     status = str(wait_for(lambda: (now := job_status(job_id)) in done and now, timeout, f"job {job_id}", stack))
     if status == "failed":
         print(f"job {job_id} failed: {load_job(job_id).error}")
-        for event in _events(job_id):
+        for event in job_events(job_id):
             print(f"  [{event.attempt}] {event.level} {event.message[:300]}")
     return status
 
@@ -87,7 +80,7 @@ def assert_succeeded_with_adapter(stack: WorkerStack, job_id: str, *, steps: int
     assert done.memory_device == "cpu" and done.progress_step == steps and done.progress_total_steps == steps
     assert done.training["use_lora"] is True and done.training["max_steps"] == steps
     assert done.finished_at is not None and done.requested_action is None
-    metrics = [event for event in _events(job_id) if event.type == "metrics"]
+    metrics = [event for event in job_events(job_id) if event.type == "metrics"]
     assert metrics and all(event.data and "train_loss" in event.data for event in metrics)
     assert _checkpoints(job_id)[-1].step_number == steps
     with session_scope() as session:
@@ -119,13 +112,14 @@ def test_job_succeeds_with_adapter_archive(stack: WorkerStack) -> None:
     job = create_job(stack.settings, suffix="demo", save_steps=2)
     assert _wait_finished(stack, job.id) == "succeeded", stack.log_tail()
     assert_succeeded_with_adapter(stack, job.id, steps=4, attempt=1)
-    assert [event.data["step"] for event in _events(job.id) if event.type == "metrics" and event.data] == [1, 2, 3, 4]
+    metrics = [event for event in job_events(job.id) if event.type == "metrics" and event.data]
+    assert [event.data["step"] for event in metrics] == [1, 2, 3, 4]
     assert [checkpoint.step_number for checkpoint in _checkpoints(job.id)] == [2, 4]
     assert load_job(job.id).fine_tuned_model == f"ft:tiny-gpt2:demo:{job.id}"
 
 
 def _metric_steps(job_id: str, attempt: int) -> list[int]:
-    return [int(event.data["step"]) for event in _events(job_id)
+    return [int(event.data["step"]) for event in job_events(job_id)
             if event.attempt == attempt and event.type == "metrics" and event.data]
 
 
@@ -145,7 +139,7 @@ def test_pause_resume_handback_then_cancel(stack: WorkerStack) -> None:
     _request(job.id, "resume", stack)
     wait_for(lambda: len(_metric_steps(job.id, 2)) >= 2, JOB_TIMEOUT, "the resumed attempt to train", stack)
     assert _metric_steps(job.id, 2)[0] == saved[0] + 1  # not step 1: it continued from the pause's checkpoint
-    assert any(event.attempt == 2 and event.message.startswith("Resumed from") for event in _events(job.id))
+    assert any(event.attempt == 2 and event.message.startswith("Resumed from") for event in job_events(job.id))
     second_trainer = _trainer_pid(job.id, 2)
     assert second_trainer is not None and not _gone(second_trainer)
 
@@ -212,7 +206,7 @@ def test_trainer_that_dies_every_time_fails_at_the_retry_cap(stack: WorkerStack)
     done = load_job(job.id)
     assert done.attempt == 3 and done.error is not None and done.error["code"] == "trainer_crashed"
     assert "after 3 lost attempts" in done.error["message"] and "SIGKILL" in done.error["message"]
-    events = _events(job.id)
+    events = job_events(job.id)
     assert [event.attempt for event in events if event.message.startswith("Attempt lost: ")] == [1, 2, 3]
     assert [event.attempt for event in events if event.message.startswith("Retrying")] == [1, 2]
     time.sleep(2 * stack.settings.heartbeat_seconds)

@@ -19,6 +19,7 @@ beside its measured peak.
 
     python benchmarks/gpu_large_models.py --shape 7b --bits 8 [--steps 12] [--out DIR]
     python benchmarks/gpu_large_models.py --shape 13b --bits 4
+    python benchmarks/gpu_large_models.py --shape 7b --bits 8 --plan-only   # no GPU needed: the plan alone
 """
 
 from __future__ import annotations
@@ -179,8 +180,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/safetrain-gpu-bench"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
+    parser.add_argument("--plan-only", action="store_true", help="print the memory plan in the peak's terms and stop")
     parser.add_argument("--stage", choices=["model", "safetrain", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plan_only:
+        print(plan_only(args))
+        return 0
     model, data = args.work / f"llama-{args.shape}", args.work / "data.jsonl"
     if args.stage == "model":
         make_model(model, args.shape)
@@ -208,6 +213,30 @@ def main() -> int:
         args.out.write_text(json.dumps(result, indent=2))
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
+
+
+def plan_only(args: argparse.Namespace) -> str:
+    """The plan for this shape, with and without checkpointing, as torch.cuda.max_memory_allocated would see it."""
+    from transformers import LlamaConfig
+
+    from backend.training.memory import CUDA_CONTEXT_BYTES, estimate_memory
+    from backend.training.options import TrainingOptions
+
+    config = LlamaConfig(vocab_size=32000, num_key_value_heads=SHAPES[args.shape]["num_attention_heads"],
+                         tie_word_embeddings=False, **SHAPES[args.shape])
+    lines = []
+    for checkpointing in (False, True):
+        options = TrainingOptions.model_validate({
+            "use_lora": True, "lora_r": 8, f"use_{args.bits}bit": True, "gradient_checkpointing": checkpointing,
+            "per_device_train_batch_size": args.batch, "max_seq_length": args.seq,
+        })
+        plan = estimate_memory(options, config, device="cuda")
+        parts = ", ".join(f"{name} {size / 1e9:.2f}" for name, size in plan.breakdown.to_dict().items())
+        lines.append(
+            f"{args.shape} {args.bits}-bit LoRA, checkpointing {'on' if checkpointing else 'off'}, {args.batch} x "
+            f"{args.seq}: {(plan.estimate_bytes - CUDA_CONTEXT_BYTES) / 1e9:.2f} GB less the CUDA context ({parts} GB)"
+        )
+    return "\n".join(lines)
 
 
 def device_name() -> str:

@@ -14,17 +14,22 @@ Recomputation in Large Transformer Models"), adapted to what transformers + peft
   on CUDA), linear inputs only where the linear's weight is trained, LoRA's dropout output;
   attention scores (b·heads·s²) only where attention is materialized (eager, or SDPA on the CPU with
   attention dropout); the logits for the loss (fp32 log-softmax and its gradients), often the largest
-  term for small models; the backward pass's working gradients. Checkpointing keeps only each layer's
-  input plus one recomputed layer;
-* overhead: on a GPU the CUDA context and the caching allocator's fragmentation; on the CPU the runtime's
-  workspaces and the freed memory glibc keeps in its heap (about two layers' activations).
+  term for small models; what one layer's backward adds (its widest gradients, k-bit weights dequantized).
+  Checkpointing keeps each layer's input plus one recomputed layer, and, with 8-bit weights, the inputs
+  bitsandbytes' matmul keeps on its autograd context, which non-reentrant checkpointing cannot drop;
+* overhead: on a GPU the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation; on the CPU
+  the runtime's workspaces and the freed memory glibc keeps in its heap (about two layers' activations).
 
-Calibrated against measured peaks in benchmarks/plan_accuracy.py and benchmarks/checkpointing_memory.py.
+Checked against the live tensors of real training steps (what torch.cuda.max_memory_allocated counts, measured
+on the CPU too: benchmarks/live_tensors.py, tests/training/test_memory_measured.py), against process peaks
+in benchmarks/plan_accuracy.py and benchmarks/checkpointing_memory.py, and against H200 runs of a 7B Llama.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,8 @@ CPU_RUNTIME_BYTES = 24 * MIB
 # CPU process's resident set stays about two layers' activations above the live tensors; measured with
 # mallinfo2 against VmHWM on GPT-2 shapes at 256-512 tokens (benchmarks/plan_accuracy.py).
 CPU_HEAP_RETAINED_LAYERS = 2
+# cuBLAS handles are per thread: the forward runs on the caller's, the backward on autograd's device thread
+CUBLAS_HANDLES_IN_TRAINING = 2
 # The CUDA caching allocator's fragmentation, as a share of everything else.
 CUDA_ALLOCATOR_SLACK = 0.05
 OVER_7B_PARAMETERS = 7_000_000_000
@@ -54,6 +61,15 @@ NF4_BLOCK = 64
 NESTED_BLOCK = 256
 _PYTHON_GELUS = {"gelu_new": 3, "gelu_fast": 3, "gelu_python": 2, "quick_gelu": 1, "gelu_accurate": 3}
 _GATED_NAMES = ("gate_proj", "gate_up_proj", "w1", "w3")
+# Sibling projections that read the same tensor (one input kept, not three)
+_SHARED_INPUT_NAMES = (
+    frozenset({"q_proj", "k_proj", "v_proj", "query", "key", "value"}),
+    frozenset({"gate_proj", "up_proj", "w1", "w3"}),
+)
+# peft keeps adapter weights (and so the tensors it casts for them) in fp32
+ADAPTER_BYTES = 4
+# A k-bit model's residual stream is fp32: prepare_model_for_kbit_training casts embeddings and norms up
+KBIT_STREAM_BYTES = 4
 
 
 @dataclass
@@ -129,6 +145,17 @@ class ModelShape:
     attention_dropout: float
     attn_implementation: str
     default_lora_targets: tuple[str, ...]
+
+    @property
+    def quantized_inputs_per_layer(self) -> int:
+        """Elements per token of the distinct tensors one layer's quantized linears read."""
+        inputs: dict[tuple[str, str | int], int] = {}
+        for layer in self.linears:
+            if layer.quantizable:
+                parent, _, leaf = layer.name.rpartition(".")
+                shared = [index for index, names in enumerate(_SHARED_INPUT_NAMES) if leaf in names]
+                inputs[(parent, shared[0] if shared else leaf)] = layer.in_features
+        return sum(inputs.values()) // max(self.layers, 1)
 
     @property
     def quantizable_parameters(self) -> int:
@@ -326,8 +353,10 @@ def activation_bytes(
     loss = tokens * shape.vocab * (2 * element + 12)
     working = _backward_working_bytes(options, shape, device=device, tokens=tokens)
     if checkpointing:
-        layer_inputs = shape.layers * tokens * shape.hidden * element
-        return layer_inputs + outside_layers + max(loss, layer + working)
+        # bitsandbytes' 8-bit matmul keeps its inputs as plain attributes of the autograd context, which
+        # non-reentrant checkpointing cannot drop: they stay for every layer alongside the layer's input
+        kept = tokens * (shape.hidden * element + _int8_kept_input_bytes(options, shape))
+        return shape.layers * kept + outside_layers + max(loss, layer + working)
     return shape.layers * layer + outside_layers + max(loss, working)
 
 
@@ -349,11 +378,28 @@ def _layer_activation_bytes(
         per_token += element * (1 + extra + (1 if trained else 0)) * i
     if shape.residual_dropout > 0:
         per_token += 2 * mask * h
-    kept = (mask + element) if options.lora_dropout > 0 else element  # dropout mask and output, or the input
+    # the 8-bit matmuls keep their inputs; the attention output (o_proj's input) is counted above already
+    per_token += max(_int8_kept_input_bytes(options, shape) - KBIT_STREAM_BYTES * h, 0)
+    # LoRA casts its input to the adapter's fp32 before dropout: a float mask is fp32 whatever the compute dtype;
+    # lora_A keeps the dropout output (under autocast, its half copy), or the input without dropout
+    lora_mask = ADAPTER_BYTES if device == "cpu" else 1
+    kept = (lora_mask + element) if options.lora_dropout > 0 else element
     lora = sum(kept * layer.in_features + element * options.lora_r for layer in adapted)
     per_token += lora // max(shape.layers, 1)
     scores = options.per_device_train_batch_size * shape.heads * options.max_seq_length**2
     return tokens * per_token + scores * _score_bytes(options, shape, device=device)
+
+
+def _int8_kept_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
+    """Bytes per token of the inputs one layer's 8-bit matmuls keep for the backward (0 unless --use_8bit).
+
+    bitsandbytes' MatMul8bitLt (CUDA) and MatMul8bitFp (CPU) keep the input A on the autograd context even
+    when the weight is frozen; q/k/v read one tensor, as do gate/up. The stream is fp32 in a k-bit model
+    (prepare_model_for_kbit_training casts the embeddings and norms to fp32). 4-bit matmuls keep no input.
+    """
+    if not options.use_8bit:
+        return 0
+    return KBIT_STREAM_BYTES * shape.quantized_inputs_per_layer
 
 
 def _tokens(options: TrainingOptions) -> int:
@@ -377,22 +423,50 @@ def _score_bytes(options: TrainingOptions, shape: ModelShape, *, device: str) ->
 
 
 def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, device: str, tokens: int) -> int:
+    """What one layer's backward allocates on top of its saved activations.
+
+    The gradient arriving at the layer and the widest one inside it (the MLP's), a score-sized gradient
+    where attention is materialized, and for k-bit weights the largest weight bitsandbytes dequantizes to
+    fp32 for the input gradient. Measured as live tensors (benchmarks/live_tensors.py), this is all that
+    coexists with the layer's activations: the rest is freed as fast as the backward makes it.
+    """
     element = compute_bytes(options)
-    gradients = tokens * element * 2 * (shape.hidden + shape.intermediate)
+    gradients = tokens * element * (shape.hidden + shape.intermediate)
     if _materialized_attention(shape, device=device):
-        gradients += 2 * options.per_device_train_batch_size * shape.heads * options.max_seq_length**2 * element
+        gradients += options.per_device_train_batch_size * shape.heads * options.max_seq_length**2 * element
     if options.use_8bit or options.use_4bit:
-        # bitsandbytes casts each projection's input and output and dequantizes its weight for the backward
-        outputs = sum(layer.out_features for layer in shape.linears if layer.quantizable) // max(shape.layers, 1)
-        gradients += tokens * outputs * 4
+        weights = [layer.in_features * layer.out_features for layer in shape.linears if layer.quantizable]
+        gradients += KBIT_STREAM_BYTES * max(weights, default=0)
     return gradients
 
 
 def overhead_bytes(subtotal: int, device: str, *, layer_activations: int) -> int:
-    """CUDA context and allocator fragmentation (GPU), or runtime workspaces and glibc's retained heap (CPU)."""
+    """CUDA context, cuBLAS workspaces and fragmentation (GPU), or runtime workspaces and retained heap (CPU)."""
     if device.startswith("cuda"):
-        return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * subtotal)
+        return CUDA_CONTEXT_BYTES + cublas_workspace_bytes() + int(CUDA_ALLOCATOR_SLACK * subtotal)
     return CPU_RUNTIME_BYTES + CPU_HEAP_RETAINED_LAYERS * layer_activations
+
+
+def cublas_workspace_bytes() -> int:
+    """The cuBLAS workspaces training allocates through PyTorch's caching allocator.
+
+    PyTorch gives each (thread, stream) cuBLAS handle its own workspace, and training uses two threads: the
+    forward's and autograd's device thread. The size is CUBLAS_WORKSPACE_CONFIG's (":KiB:count" pairs), else
+    PyTorch's default: 32 MiB from Hopper (sm90) on, 8 MiB + 128 KiB before; no GPU here counts as Hopper.
+    """
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")
+    pairs = re.findall(r":(\d+):(\d+)", config)
+    if pairs:
+        per_handle = sum(int(kib) * 1024 * int(count) for kib, count in pairs)
+    elif _cuda_major_version() < 9:
+        per_handle = 8 * MIB + 128 * 1024
+    else:
+        per_handle = 32 * MIB
+    return CUBLAS_HANDLES_IN_TRAINING * per_handle
+
+
+def _cuda_major_version() -> int:
+    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
 
 
 def device_budget_bytes(options: TrainingOptions) -> tuple[int, str]:

@@ -13,9 +13,11 @@ import pytest
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
 from backend.training.memory import (
+    CUDA_CONTEXT_BYTES,
     GIB,
     MemoryPlan,
     apply_safe_defaults,
+    cublas_workspace_bytes,
     device_budget_bytes,
     estimate_memory,
     format_plan,
@@ -99,6 +101,40 @@ def test_checkpointing_reduces_activations(llama7b: PretrainedConfig) -> None:
 
     longer = estimate_memory(_options(use_lora=True, bf16=True, max_seq_length=2048), llama7b, device="cuda")
     assert longer.activations_without_checkpointing > 3 * off.activations_without_checkpointing
+
+
+# Peaks measured on an H200 on 2026-11-26 (torch.cuda.max_memory_allocated, benchmarks/RESULTS.md): the 7B-shaped
+# Llama in 8-bit with LoRA r 8 on all seven projections, 2 x 512 tokens, fp32 compute.
+H200_PEAKS = {False: 25.56e9, True: 13.69e9}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_the_8bit_7b_plan_matches_the_peaks_an_h200_measured(llama7b: PretrainedConfig, checkpointing: bool) -> None:
+    options = _options(use_lora=True, lora_r=8, use_8bit=True, gradient_checkpointing=checkpointing,
+                       per_device_train_batch_size=2)
+    plan = estimate_memory(options, llama7b, device="cuda")
+    allocator_view = plan.estimate_bytes - CUDA_CONTEXT_BYTES  # the allocator does not see the context
+    assert allocator_view == pytest.approx(H200_PEAKS[checkpointing], rel=0.15)
+
+
+def test_8bit_checkpointing_still_keeps_each_layers_matmul_inputs(llama7b: PretrainedConfig) -> None:
+    """bitsandbytes keeps every 8-bit matmul's input; non-reentrant checkpointing cannot drop them; 4-bit keeps none."""
+    eight = estimate_memory(_options(use_lora=True, use_8bit=True, gradient_checkpointing=True), llama7b)
+    four = estimate_memory(_options(use_lora=True, use_4bit=True, gradient_checkpointing=True), llama7b)
+    # per layer and token: the attention norm's output, the attention output, the MLP norm's output, the gated
+    # product, all fp32; the recomputed layer holds them once more (its attention output is counted already)
+    kept = 32 * 512 * 4 * (3 * 4096 + 11008)
+    recomputed = 512 * 4 * (2 * 4096 + 11008)
+    assert eight.breakdown.activations - four.breakdown.activations == kept + recomputed
+
+
+def test_cublas_workspaces_are_two_per_training_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert cublas_workspace_bytes() == 2 * 4096 * 1024 * 8  # one for the forward's thread, one for autograd's
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
+    assert cublas_workspace_bytes() == 2 * (4096 * 1024 * 2 + 16 * 1024 * 8)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    assert cublas_workspace_bytes() == 2 * 32 * 2**20  # no GPU here: PyTorch's Hopper default
 
 
 def test_logits_dominate_activations_of_a_small_model(config_folders: dict[str, Path]) -> None:

@@ -15,8 +15,8 @@ Recomputation in Large Transformer Models"), adapted to what transformers + peft
   attention scores (b·heads·s²) only where attention is materialized (eager, or SDPA on the CPU with
   attention dropout); the logits for the loss (fp32 log-softmax and its gradients), often the largest
   term for small models; what one layer's backward adds (its widest gradients, k-bit weights dequantized).
-  Checkpointing keeps each layer's input plus one recomputed layer, and, with 8-bit weights, the inputs
-  bitsandbytes' matmul keeps on its autograd context, which non-reentrant checkpointing cannot drop;
+  bitsandbytes' 8-bit matmul keeps its input even for a frozen weight. Checkpointing keeps each layer's
+  input plus one recomputed layer (8-bit checkpoints reentrantly so that its matmuls' inputs are dropped too);
 * overhead: on a GPU the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation; on the CPU
   the runtime's workspaces and the freed memory glibc keeps in its heap (about two layers' activations).
 
@@ -353,10 +353,9 @@ def activation_bytes(
     loss = tokens * shape.vocab * (2 * element + 12)
     working = _backward_working_bytes(options, shape, device=device, tokens=tokens)
     if checkpointing:
-        # bitsandbytes' 8-bit matmul keeps its inputs as plain attributes of the autograd context, which
-        # non-reentrant checkpointing cannot drop: they stay for every layer alongside the layer's input
-        kept = tokens * (shape.hidden * element + _int8_kept_input_bytes(options, shape))
-        return shape.layers * kept + outside_layers + max(loss, layer + working)
+        # each layer's input stays; 8-bit checkpoints reentrantly (modeling.py), so its matmuls' inputs go too
+        layer_inputs = shape.layers * tokens * shape.hidden * element
+        return layer_inputs + outside_layers + max(loss, layer + working)
     return shape.layers * layer + outside_layers + max(loss, working)
 
 
@@ -394,8 +393,9 @@ def _int8_kept_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
     """Bytes per token of the inputs one layer's 8-bit matmuls keep for the backward (0 unless --use_8bit).
 
     bitsandbytes' MatMul8bitLt (CUDA) and MatMul8bitFp (CPU) keep the input A on the autograd context even
-    when the weight is frozen; q/k/v read one tensor, as do gate/up. The stream is fp32 in a k-bit model
-    (prepare_model_for_kbit_training casts the embeddings and norms to fp32). 4-bit matmuls keep no input.
+    when the weight is frozen (reentrant checkpointing drops the context; the non-reentrant kind could not);
+    q/k/v read one tensor, as do gate/up. The stream is fp32 in a k-bit model (prepare_model_for_kbit_training
+    casts the embeddings and norms to fp32). 4-bit matmuls keep no input.
     """
     if not options.use_8bit:
         return 0

@@ -288,8 +288,11 @@ def _load_base_model(source: str, options: TrainingOptions) -> Any:
 
 def _prepare_for_training(model: Any, options: TrainingOptions) -> Any:
     checkpointing = bool(options.gradient_checkpointing)
-    # Non-reentrant checkpointing works with frozen inputs and LoRA; the reentrant one silently drops grads.
-    checkpoint_kwargs = {"use_reentrant": False}
+    # Non-reentrant checkpointing works with frozen inputs and LoRA; the reentrant one needs an input that
+    # requires grad (prepare_model_for_kbit_training sees to that). 8-bit needs the reentrant one: bitsandbytes'
+    # 8-bit matmul keeps its input on the autograd context, out of the non-reentrant one's reach, so every
+    # layer's matmul inputs would stay alive (about 3 GB for a 7B model at 2 x 512 tokens).
+    checkpoint_kwargs = {"use_reentrant": bool(options.use_8bit)}
     if getattr(model, "is_quantized", False):
         from peft import prepare_model_for_kbit_training
 

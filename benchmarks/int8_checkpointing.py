@@ -5,11 +5,13 @@ non-reentrant checkpointing cannot drop it and every layer's matmul inputs stay 
 reentrant kind runs the forward without a graph and drops them. On an H200 this was the ~3.5 GB the memory
 plan missed for a 7B Llama (benchmarks/RESULTS.md). Measured here without a GPU: a Llama with the 7B layer
 shape (hidden 4096, MLP 11008, 32 heads) but few layers and a small vocabulary, loaded in 8-bit with LoRA and
-checkpointing exactly as the trainer loads it, trained for a step with each kind of checkpointing; the peak
+checkpointing exactly as the trainer loads it, trained for a step with each kind of checkpointing. The peak
 of live tensors (what torch.cuda.max_memory_allocated counts, benchmarks/live_tensors.py) differs by what
-the non-reentrant kind keeps, per layer, against the plan's count of the 8-bit matmul inputs.
+the non-reentrant kind keeps of every layer but the one the backward is in (plus the peak's own moment), so
+what one layer keeps is the growth of that difference from 1 to 2 layers; the plan's count of the 8-bit
+matmul inputs stands against it.
 
-    python benchmarks/int8_checkpointing.py [--layers 2] [--batch 2] [--seq 512]
+    python benchmarks/int8_checkpointing.py [--batch 2] [--seq 512]
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,6 +28,7 @@ from benchmarks.live_tensors import LiveTensorPeak, storage_bytes  # noqa: E402
 from benchmarks.plan_accuracy import append_results, machine_info, train_steps  # noqa: E402
 
 MB = 1e6
+DEPTHS = (1, 2)
 LAYER_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32}
 
 
@@ -76,24 +78,26 @@ def planned_kept_per_layer(folder: Path, *, batch: int, seq: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    peaks: dict[int, dict[str, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "llama-7b-layers"
-        make_model(folder, args.layers)
-        peaks: dict[str, Any] = {
-            kind: live_peak(folder, reentrant=kind == "reentrant", batch=args.batch, seq=args.seq)
-            for kind in ("non-reentrant", "reentrant")
-        }
+        for layers in DEPTHS:
+            folder = Path(tmp) / f"llama-7b-layers-{layers}"
+            make_model(folder, layers)
+            peaks[layers] = {
+                kind: live_peak(folder, reentrant=kind == "reentrant", batch=args.batch, seq=args.seq)
+                for kind in ("non-reentrant", "reentrant")
+            }
         planned = planned_kept_per_layer(folder, batch=args.batch, seq=args.seq)
-    kept = (peaks["non-reentrant"] - peaks["reentrant"]) / args.layers
+    differences = {layers: peak["non-reentrant"] - peak["reentrant"] for layers, peak in peaks.items()}
+    kept = differences[DEPTHS[1]] - differences[DEPTHS[0]]
     lines = [
-        f"- peak of live tensors, {args.layers} layers: non-reentrant {peaks['non-reentrant'] / MB:.0f} MB, "
-        f"reentrant {peaks['reentrant'] / MB:.0f} MB",
+        *(f"- peak of live tensors, {layers} layer(s): non-reentrant {peak['non-reentrant'] / MB:.0f} MB, "
+          f"reentrant {peak['reentrant'] / MB:.0f} MB" for layers, peak in peaks.items()),
         f"- kept per layer by the non-reentrant kind: {kept / MB:.1f} MB measured, {planned / MB:.1f} MB planned "
         f"(8-bit matmul inputs; {planned / kept - 1:+.1%}); over a 7B model's 32 layers: {32 * kept / 1e9:.2f} GB",
         f"- {time.perf_counter() - started:.0f} s",
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         append_results(
             "8-bit checkpointing at the 7B layer shape (benchmarks/int8_checkpointing.py)",
-            f"### {machine_info()}\nLlama with hidden 4096, MLP 11008, 32 heads, {args.layers} layers, "
+            f"### {machine_info()}\nLlama with hidden 4096, MLP 11008, 32 heads, 1 and 2 layers, "
             f"8-bit + LoRA r 8 + checkpointing, micro-batch {args.batch} x {args.seq} tokens, one AdamW step, "
             "fp32 compute.\n\n"
             + "\n".join(lines) + "\n",

@@ -147,20 +147,43 @@ def append_event(
     level: str = "info",
     type: str = "message",
     data: dict[str, Any] | None = None,
+    event_id: str | None = None,
 ) -> str | None:
-    """Add one job event; return the job's requested_action."""
+    """Add one job event; return the job's requested_action.
+
+    A caller that retries after a lost acknowledgement passes the same `event_id` each time: an event already
+    stored under it (the earlier try did commit) is not added again.
+    """
     action = _fenced_update(session, job_id, attempt)
-    session.add(JobEvent(job_id=job_id, attempt=attempt, level=level, type=type, message=message, data=data))
+    if event_id is not None and _stored(session, JobEvent.id, event_id):
+        return action
+    ids = {"id": event_id} if event_id is not None else {}
+    session.add(JobEvent(job_id=job_id, attempt=attempt, level=level, type=type, message=message, data=data, **ids))
     session.flush()
     return action
 
 
+def _stored(session: Session, column: Any, value: str) -> bool:
+    return session.scalar(select(column).where(column == value)) is not None
+
+
 def record_checkpoint(
-    *, session: Session, job_id: str, attempt: int, step_number: int, path: str, metrics: dict[str, Any] | None
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    step_number: int,
+    path: str,
+    metrics: dict[str, Any] | None,
+    checkpoint_id: str | None = None,
 ) -> str:
-    """Add a checkpoints row for a complete checkpoint folder; return its id."""
+    """Add a checkpoints row for a complete checkpoint folder (once per `checkpoint_id`); return its id."""
     _fenced_update(session, job_id, attempt)
-    checkpoint = Checkpoint(job_id=job_id, attempt=attempt, step_number=step_number, path=path, metrics=metrics)
+    if checkpoint_id is not None and _stored(session, Checkpoint.id, checkpoint_id):
+        return checkpoint_id
+    ids = {"id": checkpoint_id} if checkpoint_id is not None else {}
+    checkpoint = Checkpoint(job_id=job_id, attempt=attempt, step_number=step_number, path=path, metrics=metrics,
+                            **ids)
     session.add(checkpoint)
     session.flush()
     return checkpoint.id

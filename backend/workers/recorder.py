@@ -3,6 +3,8 @@
 Each write is its own short transaction through backend.services.job_runs, fenced by the attempt, so
 the API sees progress as it happens and a stale attempt's writes are refused (StaleAttemptError).
 A database that is briefly unreachable is waited for: the write is retried until `retry_seconds` pass.
+Events and checkpoints carry an id chosen before the first try, so a retry after a commit whose
+acknowledgement was lost does not store them twice.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from backend.db.models import new_id
 from backend.db.session import session_scope
 from backend.services import job_runs
 from backend.training.events import TrainingEvent
@@ -68,9 +71,11 @@ class AttemptRecorder:
         return self.write(lambda s: job_runs.heartbeat(session=s, job_id=self.job_id, attempt=self.attempt))
 
     def message(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> str | None:
+        event_id = new_id("ftevent")  # the same on every retry: a commit whose answer was lost is not repeated
         return self.write(
             lambda s: job_runs.append_event(
-                session=s, job_id=self.job_id, attempt=self.attempt, message=message, level=level, data=data
+                session=s, job_id=self.job_id, attempt=self.attempt, message=message, level=level, data=data,
+                event_id=event_id,
             )
         )
 
@@ -112,11 +117,12 @@ class AttemptRecorder:
         message = f"Step {step}/{total_steps or '?'}: training loss={shown_loss}"
         payload = {key: data[key] for key in METRIC_FIELDS if key in data}
         epoch = data.get("epoch")
+        event_id = new_id("ftevent")
 
         def write(session: Session) -> str | None:
             job_runs.append_event(
                 session=session, job_id=self.job_id, attempt=self.attempt, message=message, type="metrics",
-                data=payload,
+                data=payload, event_id=event_id,
             )
             return job_runs.record_progress(
                 session=session, job_id=self.job_id, attempt=self.attempt, step=step, total_steps=total_steps,
@@ -137,15 +143,16 @@ class AttemptRecorder:
         step = int(data.get("step") or 0)
         path = self.relative_path(str(data.get("path", "")))
         metrics = data.get("metrics") or None
+        checkpoint_id, event_id = new_id("ftckpt"), new_id("ftevent")
 
         def write(session: Session) -> str | None:
             job_runs.record_checkpoint(
                 session=session, job_id=self.job_id, attempt=self.attempt, step_number=step, path=path,
-                metrics=metrics,
+                metrics=metrics, checkpoint_id=checkpoint_id,
             )
             return job_runs.append_event(
                 session=session, job_id=self.job_id, attempt=self.attempt,
-                message=f"Checkpoint saved at step {step}", data={"step": step},
+                message=f"Checkpoint saved at step {step}", data={"step": step}, event_id=event_id,
             )
 
         return self.write(write)

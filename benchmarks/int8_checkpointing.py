@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.live_tensors import LiveTensorPeak, storage_bytes  # noqa: E402
-from benchmarks.plan_accuracy import append_results, machine_info, train_steps  # noqa: E402
+from benchmarks.plan_accuracy import append_results, live_training_peak, machine_info  # noqa: E402
 
 MB = 1e6
 DEPTHS = (1, 2)
@@ -62,10 +61,7 @@ def live_peak(folder: Path, *, reentrant: bool, batch: int, seq: int) -> int:
     model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     ids = torch.randint(1, 500, (batch, seq), generator=torch.Generator().manual_seed(0))
-    weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
-    with LiveTensorPeak() as live:
-        train_steps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 1)
-    return weights + live.peak
+    return live_training_peak(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 1)[0]
 
 
 def planned_kept_per_layer(folder: Path, *, batch: int, seq: int) -> int:

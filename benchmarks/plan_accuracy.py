@@ -23,7 +23,6 @@ checks, on a machine without one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -122,6 +121,18 @@ def train_steps(model: Any, batch: dict[str, Any], steps: int, *, autocast_dtype
     return loss_value
 
 
+def live_training_peak(
+    model: Any, batch: dict[str, Any], steps: int, *, autocast_dtype: Any = None
+) -> tuple[int, float]:
+    """The weights plus the live-tensor high-water mark of `steps` training steps, and the last loss."""
+    from benchmarks.live_tensors import LiveTensorPeak, storage_bytes
+
+    weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
+    with LiveTensorPeak() as live:
+        loss = train_steps(model, batch, steps, autocast_dtype=autocast_dtype)
+    return weights + live.peak, loss
+
+
 def measure_peak(setting: dict[str, Any], folder: str, *, batch: int, seq: int, steps: int) -> dict[str, Any]:
     """Peak memory of loading the model as the trainer does and running `steps` steps (runs in a subprocess)."""
     import bitsandbytes  # noqa: F401  (imported before the baseline: library code is not training memory)
@@ -130,7 +141,6 @@ def measure_peak(setting: dict[str, Any], folder: str, *, batch: int, seq: int, 
     import transformers  # noqa: F401
 
     from backend.training.modeling import compute_dtype, load_model_and_tokenizer
-    from benchmarks.live_tensors import LiveTensorPeak, storage_bytes
 
     options = training_options(setting, folder, batch=batch, seq=seq)
     torch.manual_seed(0)
@@ -147,14 +157,14 @@ def measure_peak(setting: dict[str, Any], folder: str, *, batch: int, seq: int, 
     model, _tokenizer = load_model_and_tokenizer(options)
     model.train()
     autocast = compute_dtype(options) if options.fp16 or options.bf16 else None
-    weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
-    live = LiveTensorPeak()
-    with contextlib.nullcontext() if cuda else live:  # CUDA's allocator counts for itself
-        loss = train_steps(model, inputs, steps, autocast_dtype=autocast)
+    if cuda:  # CUDA's allocator counts for itself
+        live_bytes, loss = None, train_steps(model, inputs, steps, autocast_dtype=autocast)
+    else:
+        live_bytes, loss = live_training_peak(model, inputs, steps, autocast_dtype=autocast)
     measured = (torch.cuda.max_memory_allocated() - baseline) if cuda else _peak_rss(reset_worked) - rss_before
     return {
         "measured_bytes": int(measured),
-        "live_tensor_bytes": None if cuda else weights + live.peak,
+        "live_tensor_bytes": live_bytes,
         "device": "cuda" if cuda else "cpu",
         "method": "cuda.max_memory_allocated" if cuda else ("VmHWM" if reset_worked else "ru_maxrss"),
         "seconds": round(time.perf_counter() - started, 1),

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from backend.config import Settings
 from backend.db.session import session_scope
@@ -120,14 +123,23 @@ def resend_lost_messages(settings: Settings, report: ReconcileReport) -> list[st
     wait = settings.heartbeat_expiry_seconds
     with session_scope() as session:
         stale = job_runs.unclaimed_queued_jobs(session=session, older_than_seconds=wait)
+    to_send = _ring_again_each(
+        stale, lambda session, job_id: job_runs.ring_again(session=session, job_id=job_id, older_than_seconds=wait)
+    )
+    report.resent += to_send
+    return to_send
+
+
+def _ring_again_each(stale: list[str], ring_again: Callable[[Session, str], bool]) -> list[str]:
+    """The stale rows `ring_again` marks for a new message, each in its own transaction; none while the broker
+    still holds a message for every queued row."""
     if not stale or _every_message_waiting():
         return []
     to_send = []
-    for job_id in stale:
+    for row_id in stale:
         with session_scope() as session:
-            if job_runs.ring_again(session=session, job_id=job_id, older_than_seconds=wait):
-                to_send.append(job_id)
-    report.resent += to_send
+            if ring_again(session, row_id):
+                to_send.append(row_id)
     return to_send
 
 
@@ -175,13 +187,12 @@ def resend_lost_evaluations(settings: Settings, report: ReconcileReport) -> list
     wait = settings.heartbeat_expiry_seconds
     with session_scope() as session:
         stale = evaluations.unclaimed_queued_evaluations(session=session, older_than_seconds=wait)
-    if not stale or _every_message_waiting():
-        return []
-    to_send = []
-    for evaluation_id in stale:
-        with session_scope() as session:
-            if evaluations.ring_again(session=session, evaluation_id=evaluation_id, older_than_seconds=wait):
-                to_send.append(evaluation_id)
+    to_send = _ring_again_each(
+        stale,
+        lambda session, evaluation_id: evaluations.ring_again(
+            session=session, evaluation_id=evaluation_id, older_than_seconds=wait
+        ),
+    )
     report.evaluations_resent += to_send
     return to_send
 

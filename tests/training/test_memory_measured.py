@@ -18,8 +18,7 @@ from backend.training.memory import estimate_memory, load_model_config, model_sh
 from backend.training.modeling import compute_dtype, load_model_and_tokenizer
 from backend.training.options import TrainingOptions
 from backend.training.tiny_models import make_tiny_model
-from benchmarks.live_tensors import LiveTensorPeak, storage_bytes
-from benchmarks.plan_accuracy import train_steps
+from benchmarks.plan_accuracy import live_training_peak
 
 BATCH, SEQ = 2, 256
 DEPTHS = (2, 4)
@@ -44,11 +43,9 @@ def _live_peak(options: TrainingOptions) -> int:
     model, _tokenizer = load_model_and_tokenizer(options)
     model.train()
     ids = torch.randint(1, 500, (BATCH, SEQ))
-    weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
     autocast = compute_dtype(options) if options.bf16 or options.fp16 else None  # as the trainer runs it
-    with LiveTensorPeak() as live:
-        train_steps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2, autocast_dtype=autocast)
-    return weights + live.peak
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return live_training_peak(model, batch, 2, autocast_dtype=autocast)[0]
 
 
 def _planned(options: TrainingOptions) -> int:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pytest
@@ -34,6 +34,7 @@ from backend.db.models import File, Job, JobEvent, Project
 from backend.db.session import make_engine, session_scope, set_engine
 from backend.services.storage import hash_file
 
+RowT = TypeVar("RowT")
 POSTGRES_URL = os.environ.get("SAFETRAIN_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 WORKER_REDIS_URL = os.environ.get("SAFETRAIN_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/14")
 HEARTBEAT_SECONDS = 1
@@ -192,12 +193,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, stack: Wor
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
 
 
-def load_job(job_id: str) -> Job:
+def load_row(model: type[RowT], row_id: str) -> RowT:
+    """One row by id, detached from its session."""
     with session_scope() as session:
-        job = session.scalar(select(Job).where(Job.id == job_id))
-        assert job is not None
-        session.expunge(job)
-        return job
+        row = session.scalar(select(model).where(model.id == row_id))  # type: ignore[attr-defined]
+        assert row is not None, f"no {model.__name__} {row_id}"
+        session.expunge(row)
+        return row
+
+
+def load_job(job_id: str) -> Job:
+    return load_row(Job, job_id)
 
 
 def job_status(job_id: str) -> str:

@@ -19,7 +19,7 @@ from backend.workers.celery_app import QUEUE
 from backend.workers.evaluation_dispatch import EVALUATION_TASK_NAME, enqueue_evaluation
 from backend.workers.reconciler import ReconcileReport, reconcile_once
 from tests.workers.conftest import RECONCILER_REDIS_URL as BROKER_URL
-from tests.workers.conftest import job_events
+from tests.workers.conftest import job_events, load_row
 
 
 def _job(status: str = "succeeded", finished_at: int | None = None) -> str:
@@ -50,11 +50,7 @@ def _evaluation(job_id: str, **values: object) -> str:
 
 
 def _row(evaluation_id: str) -> Evaluation:
-    with session_scope() as session:
-        row = session.scalar(select(Evaluation).where(Evaluation.id == evaluation_id))
-        assert row is not None
-        session.expunge(row)
-        return row
+    return load_row(Evaluation, evaluation_id)
 
 
 def _messages() -> list[str]:

@@ -9,6 +9,15 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from backend.db.statuses import (  # noqa: F401 - re-exported: the API and services import them from here
+    ACTIVE_JOB_STATUSES,
+    EVALUATION_STATUSES,
+    JOB_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    EvaluationStatus,
+    JobStatus,
+)
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -17,10 +26,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
-TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-# Statuses that count against a project's concurrent-job quota.
-ACTIVE_JOB_STATUSES = frozenset({"validating_files", "queued", "running"})
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; BigInteger elsewhere keeps room for many rows.
 BigInt = BigInteger().with_variant(Integer(), "sqlite")
@@ -104,7 +109,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(512))
     training_file_id: Mapped[str] = mapped_column(String(64))
     validation_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    status: Mapped[str] = mapped_column(String(32), default="queued")
+    status: Mapped[str] = mapped_column(String(32), default=JobStatus.QUEUED)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     method: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     training: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -196,9 +201,6 @@ class Artifact(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
-EVALUATION_STATUSES = ("queued", "running", "succeeded", "failed")
-
-
 class Evaluation(Base):
     """A sandboxed code evaluation of a job's adapter: its request, its state and its pass@k results."""
 
@@ -215,7 +217,7 @@ class Evaluation(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     file_id: Mapped[str] = mapped_column(String(64))
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # n_samples, k, max_new_tokens, ...
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=EvaluationStatus.QUEUED)
     results: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from backend.config import Settings
+from backend.devices import cpu_device, list_gpus
 from backend.services.base_models import resolve_base_model
 from backend.services.errors import InvalidRequest
 from backend.services.training_request import resolve_training
@@ -12,8 +13,6 @@ from backend.services.training_request import resolve_training
 
 def default_budget_bytes() -> int:
     """The free memory of the roomiest visible GPU, or the machine's available memory without one."""
-    from backend.workers.gpu import cpu_device, list_gpus
-
     gpus = list_gpus()
     return max(gpu.free_bytes for gpu in gpus) if gpus else cpu_device().free_bytes
 

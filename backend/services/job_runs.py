@@ -1,14 +1,9 @@
-"""The worker's SQL writes for one job attempt, every one fenced by (job_id, attempt).
+"""The worker's SQL writes for one job attempt, every one fenced by (job_id, attempt) through the lease.
 
-Heartbeats are stamped with the database's clock (`database_now()`), and expiry is judged by the same
-clock, so workers on machines whose clocks disagree never see each other's heartbeats as expired early.
-
-A worker claims a queued job with a conditional UPDATE that raises `attempt`; from then on each write
-it makes first updates the job row under the fence `id = :job_id AND attempt = :attempt AND status IN
-(validating_files, running)`. When the reconciler has requeued the job (its heartbeat expired) or
-another worker has claimed it since, the fence matches no row and the write raises StaleAttemptError:
-a stale attempt can never overwrite the live one. The fenced UPDATE comes first in each transaction so
-the row lock (PostgreSQL) or the write lock (SQLite) is held before anything dependent is inserted.
+A job is leased work (backend/services/lease.py): a worker claims a queued job as its next attempt, and every
+write it makes afterwards first updates the job row under the fence `status IN (validating_files, running)`;
+a stale attempt's write raises StaleAttemptError. The reconciler's writes (expire a silent attempt, re-send a
+lost message) are at the end, with the rule for what a silent attempt becomes.
 """
 
 from __future__ import annotations
@@ -16,44 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, and_, case, func, select, update
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import FunctionElement
 
+from backend.db.fence import silent_for
 from backend.db.models import Artifact, Checkpoint, File, Job, JobEvent, Project, TelemetrySample, now
+from backend.db.statuses import JobStatus
+from backend.services import lease
+from backend.services.lease import LeaseKind
 
-ACTIVE_RUN_STATUSES = ("validating_files", "running")
+ACTIVE_RUN_STATUSES = (JobStatus.VALIDATING_FILES, JobStatus.RUNNING)
 # The message of every event that records an attempt lost to a crash or a dead worker: counting them
 # gives the job's losses, which max_attempts caps (pauses and resumes raise `attempt` but lose nothing).
 LOST_ATTEMPT_PREFIX = "Attempt lost: "
 RESULT_FILE_PURPOSE = "fine-tune-results"
+RUN_JOB = "safetrain.run_job"
 
 
-class database_now(FunctionElement[int]):  # noqa: N801 - reads as the SQL function it is
-    """The database server's current time in integer Unix seconds."""
-
-    type = BigInteger()
-    inherit_cache = True
+def _queued() -> ColumnElement[bool]:
+    return Job.status == JobStatus.QUEUED
 
 
-@compiles(database_now)
-def _database_now_postgresql(element: database_now, compiler: Any, **kw: Any) -> str:
-    return "CAST(EXTRACT(EPOCH FROM CURRENT_TIMESTAMP) AS BIGINT)"
-
-
-@compiles(database_now, "sqlite")
-def _database_now_sqlite(element: database_now, compiler: Any, **kw: Any) -> str:
-    return "CAST(strftime('%s', 'now') AS INTEGER)"
-
-
-class StaleAttemptError(RuntimeError):
-    """A write from an attempt that no longer owns the job (requeued, reclaimed, finished or deleted)."""
-
-    def __init__(self, job_id: str, attempt: int) -> None:
-        super().__init__(f"job {job_id}: attempt {attempt} no longer owns the job; write refused")
-        self.job_id = job_id
-        self.attempt = attempt
+def _sent_before(seconds: int) -> ColumnElement[bool]:
+    # A queued job's heartbeat_at is when its message was last sent (by a requeue or a re-send); before
+    # that, its creation time.
+    return silent_for(func.coalesce(Job.heartbeat_at, Job.created_at), seconds)
 
 
 @dataclass(frozen=True)
@@ -65,44 +47,19 @@ class ClaimedJob:
     requested_action: str | None
 
 
-def _fence(job_id: str, attempt: int) -> ColumnElement[bool]:
-    return and_(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE_RUN_STATUSES))
-
-
 def _fenced_update(session: Session, job_id: str, attempt: int, **values: Any) -> str | None:
     """Update the job row under the fence; return its requested_action, or raise StaleAttemptError."""
-    values.setdefault("heartbeat_at", database_now())
-    statement = (
-        update(Job)
-        .where(_fence(job_id, attempt))
-        .values(**values)
-        .returning(Job.requested_action)
-        .execution_options(synchronize_session=False)
-    )
-    row = session.execute(statement).first()
-    if row is None:
-        raise StaleAttemptError(job_id, attempt)
-    return row[0]
+    action: str | None = lease.fenced_update(session, JOBS, job_id, attempt, returning=Job.requested_action,
+                                             **values)
+    return action
 
 
 def claim_job(*, session: Session, job_id: str, worker: str) -> ClaimedJob | None:
     """Take a queued job for this worker as its next attempt; None when it is gone, finished or taken."""
-    timestamp = now()
-    statement = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="validating_files",
-            attempt=Job.attempt + 1,
-            worker=worker,
-            heartbeat_at=database_now(),
-            started_at=func.coalesce(Job.started_at, timestamp),
-            error=None,
-        )
-        .returning(Job.attempt, Job.requested_action)
-        .execution_options(synchronize_session=False)
+    row = lease.claim(
+        session, JOBS, job_id, worker=worker, claimable=_queued(), status=JobStatus.VALIDATING_FILES,
+        returning=(Job.requested_action,), started_at=func.coalesce(Job.started_at, now()),
     )
-    row = session.execute(statement).first()
     if row is None:
         return None
     return ClaimedJob(job_id=job_id, attempt=int(row[0]), requested_action=row[1])
@@ -129,7 +86,7 @@ def mark_running(
         session,
         job_id,
         attempt,
-        status="running",
+        status=JobStatus.RUNNING,
         training=training,
         memory_estimate_bytes=memory_estimate_bytes,
         memory_budget_bytes=memory_budget_bytes,
@@ -244,7 +201,7 @@ def store_result_file(
         bytes=size,
         sha256=sha256,
         path=path,
-        status="processed",
+        status="processed",  # a file's status, not a job's
     )
     session.add(result)
     session.flush()
@@ -258,15 +215,15 @@ def finish(
     session: Session,
     job_id: str,
     attempt: int,
-    status: str,
+    status: JobStatus,
     error: dict[str, Any] | None = None,
     fine_tuned_model: str | None = None,
     result_files: list[str] | None = None,
     trained_tokens: int | None = None,
 ) -> None:
     """Record the attempt's outcome: succeeded, failed, cancelled or paused (paused keeps the job resumable)."""
-    values: dict[str, Any] = {"status": status, "error": error, "requested_action": None, "worker": None}
-    if status != "paused":
+    values: dict[str, Any] = {"error": error, "requested_action": None, "worker": None}
+    if status != JobStatus.PAUSED:
         values["finished_at"] = now()
         values["estimated_finish"] = None
     if fine_tuned_model is not None:
@@ -275,7 +232,7 @@ def finish(
         values["result_files"] = result_files
     if trained_tokens is not None:
         values["trained_tokens"] = trained_tokens
-    _fenced_update(session, job_id, attempt, **values)
+    lease.finish(session, JOBS, job_id, attempt, status=status, **values)
 
 
 def lost_attempts(*, session: Session, job_id: str) -> int:
@@ -295,7 +252,7 @@ def record_lost_attempt(*, session: Session, job_id: str, attempt: int, reason: 
 
 def requeue(*, session: Session, job_id: str, attempt: int) -> None:
     """Give the job back to the queue as its next attempt (after a trainer crash below the retry cap)."""
-    _fenced_update(session, job_id, attempt, status="queued", worker=None)
+    lease.finish(session, JOBS, job_id, attempt, status=JobStatus.QUEUED, worker=None)
 
 
 def job_context(*, session: Session, job_id: str) -> tuple[Job, Project] | None:
@@ -305,23 +262,29 @@ def job_context(*, session: Session, job_id: str) -> tuple[Job, Project] | None:
     return None if row is None else (row[0], row[1])
 
 
-# ---------------------------------------------------------------------------------------------------------
 # The reconciler's writes: each conditional, so any number of reconcilers may run at once.
 
 
-def _silent_for(column: Any, seconds: int) -> ColumnElement[bool]:
-    """`column` (a database-clock timestamp) is more than `seconds` old."""
-    return func.coalesce(column, 0) < database_now() - seconds
+@dataclass(frozen=True)
+class SilentAttempt:
+    """A claimed job with no heartbeat for the expiry."""
+
+    id: str
+    attempt: int
+    requested_action: str | None
 
 
 def expired_attempts(*, session: Session, expiry_seconds: int) -> list[tuple[str, int, str | None]]:
     """(job_id, attempt, requested_action) of claimed jobs with no heartbeat for `expiry_seconds`."""
     rows = session.execute(
-        select(Job.id, Job.attempt, Job.requested_action).where(
-            Job.status.in_(ACTIVE_RUN_STATUSES), _silent_for(Job.heartbeat_at, expiry_seconds)
-        )
+        select(Job.id, Job.attempt, Job.requested_action).where(lease.silent(JOBS, expiry_seconds))
     ).all()
     return [(row[0], int(row[1]), row[2]) for row in rows]
+
+
+def silent_attempts(*, session: Session, expiry_seconds: int) -> list[SilentAttempt]:
+    """The claimed jobs with no heartbeat for `expiry_seconds`."""
+    return [SilentAttempt(*row) for row in expired_attempts(session=session, expiry_seconds=expiry_seconds)]
 
 
 def expire_attempt(
@@ -330,48 +293,63 @@ def expire_attempt(
     job_id: str,
     attempt: int,
     expiry_seconds: int,
-    status: str,
+    status: JobStatus,
     error: dict[str, Any] | None = None,
 ) -> bool:
     """Move an attempt silent for `expiry_seconds` to `status` (queued, failed, cancelled, paused); False if alive."""
-    timestamp = now()
-    values: dict[str, Any] = {"status": status, "worker": None, "heartbeat_at": database_now(), "error": error}
-    if status in ("failed", "cancelled"):
-        values.update(finished_at=timestamp, requested_action=None, estimated_finish=None)
-    elif status == "paused":
+    values: dict[str, Any] = {"error": error}
+    if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        values.update(finished_at=now(), requested_action=None, estimated_finish=None)
+    elif status == JobStatus.PAUSED:
         values["requested_action"] = None
-    statement = (
-        update(Job)
-        .where(_fence(job_id, attempt), _silent_for(Job.heartbeat_at, expiry_seconds))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+    return lease.expire(session, JOBS, job_id, attempt, expiry_seconds=expiry_seconds, status=status, **values)
 
 
-def _doorbell_silent_for(seconds: int) -> ColumnElement[bool]:
-    # A queued job's heartbeat_at is when its message was last sent (by a requeue or a re-send); before
-    # that, its creation time.
-    return _silent_for(func.coalesce(Job.heartbeat_at, Job.created_at), seconds)
+def _expired_outcome(lost: int, action: str | None, max_attempts: int) -> tuple[JobStatus, dict[str, Any] | None]:
+    """The status (and error) a job whose worker vanished moves to; `lost` counts this loss too."""
+    if action == "cancel":
+        return JobStatus.CANCELLED, None
+    if action == "pause":
+        return JobStatus.PAUSED, None
+    if lost >= max_attempts:
+        message = (
+            f"Gave up after {lost} lost attempts (max_attempts {max_attempts}); last: the worker stopped "
+            "answering (no heartbeat)."
+        )
+        return JobStatus.FAILED, {"code": "worker_lost", "message": message, "param": None}
+    return JobStatus.QUEUED, None
+
+
+def expire_silent(*, session: Session, silent: SilentAttempt, expiry_seconds: int, max_attempts: int
+                  ) -> JobStatus | None:
+    """Honour a pending cancel or pause, else requeue (or fail at `max_attempts` losses) and record the loss;
+    the status it moved to, or None when it heartbeat meanwhile or another reconciler got there first."""
+    job_id, attempt = silent.id, silent.attempt
+    lost = lost_attempts(session=session, job_id=job_id) + 1
+    status, error = _expired_outcome(lost, silent.requested_action, max_attempts)
+    if not expire_attempt(session=session, job_id=job_id, attempt=attempt, expiry_seconds=expiry_seconds,
+                          status=status, error=error):
+        return None
+    if status in (JobStatus.QUEUED, JobStatus.FAILED):
+        reason = f"the worker running attempt {attempt} stopped answering (no heartbeat for {expiry_seconds} s)"
+        record_lost_attempt(session=session, job_id=job_id, attempt=attempt, reason=reason)
+    return status
 
 
 def unclaimed_queued_jobs(*, session: Session, older_than_seconds: int, limit: int = 100) -> list[str]:
     """Queued jobs whose message was last sent more than `older_than_seconds` ago, oldest first."""
-    query = select(Job.id).where(Job.status == "queued", _doorbell_silent_for(older_than_seconds))
-    return list(session.scalars(query.order_by(Job.seq).limit(limit)))
+    return lease.unsent_for(session=session, kind=JOBS, older_than_seconds=older_than_seconds, limit=limit)
 
 
 def count_queued_jobs(*, session: Session) -> int:
     """How many jobs wait in `queued`."""
-    return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0)
+    return lease.count_sendable(session=session, kind=JOBS)
 
 
 def ring_again(*, session: Session, job_id: str, older_than_seconds: int) -> bool:
     """Note that a queued job's message is sent again now; False when another reconciler just did."""
-    statement = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued", _doorbell_silent_for(older_than_seconds))
-        .values(heartbeat_at=database_now())
-        .execution_options(synchronize_session=False)
-    )
-    return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+    return lease.ring_again(session=session, kind=JOBS, row_id=job_id, older_than_seconds=older_than_seconds)
+
+
+JOBS = LeaseKind(name="job", model=Job, active=ACTIVE_RUN_STATUSES, task_name=RUN_JOB, sendable=_queued,
+                 sent_before=_sent_before, silent_attempts=silent_attempts, expire_silent=expire_silent)

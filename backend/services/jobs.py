@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,19 +95,11 @@ def add_event(*, session: Session, job: Job, message: str, level: str = "info") 
     session.add(JobEvent(job_id=job.id, attempt=job.attempt, level=level, type="message", message=message))
 
 
-def enqueue(job_id: str) -> None:
-    """Ring the broker's doorbell for a committed job; a lost message is re-sent by the reconciler."""
-    from backend.workers.dispatch import enqueue_job
-
-    try:
-        enqueue_job(job_id)
-    except Exception:
-        # The row is committed and queued: the reconciler re-enqueues it; a 5xx here would make clients resubmit.
-        log.exception("could not enqueue job %s; the reconciler will", job_id)
-
-
-def create_job(*, session: Session, settings: Settings, project: Project, spec: JobSpec) -> Job:
-    """Validate the request, store the job as queued, commit, then enqueue its id."""
+def create_job(
+    *, session: Session, settings: Settings, project: Project, spec: JobSpec, enqueue: Callable[[str], None]
+) -> Job:
+    """Validate the request, store the job as queued, commit, then `enqueue` its id (a send that fails is logged
+    there, never raised: the row is committed and queued, so the reconciler sends it again)."""
     model = resolve_base_model(spec.model, settings=settings)
     resolved = resolve_training(
         hyperparameters=spec.hyperparameters, method=spec.method, training=spec.training, seed=spec.seed
@@ -232,8 +225,10 @@ def pause_job(*, session: Session, job: Job) -> Job:
     raise InvalidRequest(f"Job {job.id} changed state while pausing; try again.", param="fine_tuning_job_id")
 
 
-def resume_job(*, session: Session, settings: Settings, project: Project, job: Job) -> Job:
-    """Resume a paused job: back to queued (the worker continues from the last checkpoint), then enqueue."""
+def resume_job(
+    *, session: Session, settings: Settings, project: Project, job: Job, enqueue: Callable[[str], None]
+) -> Job:
+    """Resume a paused job: back to queued (the worker continues from the last checkpoint), then `enqueue` it."""
     if job.status != "paused":
         if job.requested_action == "pause" and job.status not in TERMINAL_JOB_STATUSES:
             _transition(session=session, job=job, from_status=job.status, requested_action=None)

@@ -1,1 +1,2 @@
-"""Training workers: the Celery app, the job task, the trainer child process, GPU picking, the reconciler."""
+"""Workers: the Celery app, and for each kind of leased work its path (jobs/, evaluations/); beside them the
+pieces every kind shares: the dispatcher, the child supervisor and entry point, the reconciler."""

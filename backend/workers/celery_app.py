@@ -19,7 +19,6 @@ from celery import Celery, signals
 
 from backend.config import Settings, get_settings
 
-TASK_NAME = "safetrain.run_job"
 QUEUE = "safetrain"
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("safetrain", include=["backend.workers.tasks"])
+app = Celery("safetrain", include=["backend.workers.jobs.task", "backend.workers.evaluations.task"])
 app.add_defaults(lambda: celery_config(get_settings()))
 
 
@@ -70,7 +69,7 @@ def _after_fork(**_: Any) -> None:
 
     dispose_engine()
     try:
-        import backend.workers.preparation  # noqa: F401  (imports the trainer's planning modules once)
+        import backend.workers.jobs.preparation  # noqa: F401  (imports the trainer's planning modules once)
     except Exception:  # a broken import surfaces in the task with its traceback
         logger.exception("warming the job modules failed")
 
@@ -85,7 +84,7 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
 @signals.worker_shutting_down.connect
 def _hand_back_jobs(**_: Any) -> None:
     """On shutdown, stop the trainers cleanly: each checkpoints, and its job is requeued to resume elsewhere."""
-    from backend.workers.runner import stop_trainers
+    from backend.workers.jobs.runner import stop_trainers
 
     stopped = stop_trainers()
     if stopped:

@@ -51,7 +51,7 @@ ARTIFACT_STORE_BYTES = 1 << 20
 TRAIN_LINES = [
     {"prompt": f"Count from {n}:", "completion": " " + " ".join(str(n + k) for k in range(1, 6))} for n in range(16)
 ]
-CHILD_MODULE = "backend.workers.child"
+CHILD_MODULE = "backend.workers.jobs.child"
 
 
 def free_port() -> int:

@@ -20,10 +20,10 @@ import psutil
 import pytest
 from sqlalchemy import func, select
 
+from backend.db.fence import StaleAttemptError
 from backend.db.models import Artifact, File, Job, JobEvent
 from backend.db.session import session_scope
 from backend.services import job_runs
-from backend.services.job_runs import StaleAttemptError
 from backend.training.checkpoints import COMPLETE_MARKER, TEMP_PREFIX, complete_checkpoints
 from tests.reliability.conftest import (
     HEARTBEAT_EXPIRY_SECONDS,

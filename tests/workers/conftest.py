@@ -238,6 +238,7 @@ def create_job(settings: Settings, *, model: str = "tiny-gpt2", suffix: str | No
     """Create (commit, then enqueue) a job through the api helper's job service, as POST /v1/fine_tuning/jobs."""
     from backend.services.jobs import JobSpec
     from backend.services.jobs import create_job as service_create_job
+    from backend.workers.dispatch import enqueue_job
 
     project, file_row = make_project_and_file(settings)
     fields = {"max_steps": 4, "logging_steps": 1, "max_seq_length": 64, "per_device_train_batch_size": 2,
@@ -245,17 +246,17 @@ def create_job(settings: Settings, *, model: str = "tiny-gpt2", suffix: str | No
     spec = JobSpec(model=model, training_file=file_row.id, training=fields, suffix=suffix)
     with session_scope() as session:
         project = session.merge(project)
-        job = service_create_job(session=session, settings=settings, project=project, spec=spec)
+        job = service_create_job(session=session, settings=settings, project=project, spec=spec, enqueue=enqueue_job)
         session.expunge(job)
     return job
 
 
-RECONCILER_REDIS_URL = "redis://127.0.0.1:6379/11"
+RECONCILER_REDIS_URL = "redis://127.0.0.1:6379/10"
 
 
 @pytest.fixture
 def reconciler_env(db_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    """The test database for this process's sessions and Redis db 11 (no worker listens) as the broker."""
+    """The test database for this process's sessions and Redis db 10 (no worker listens) as the broker."""
     monkeypatch.setenv("SAFETRAIN_BROKER_URL", RECONCILER_REDIS_URL)
     get_settings.cache_clear()
     set_engine(db_engine)

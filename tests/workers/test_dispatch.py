@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from backend.config import get_settings
-from backend.workers.celery_app import QUEUE, TASK_NAME
+from backend.services.job_runs import RUN_JOB as TASK_NAME
+from backend.workers.celery_app import QUEUE
 from backend.workers.dispatch import enqueue_job, queue_depth, send_or_raise
 
 DISPATCH_REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -47,7 +48,7 @@ def test_broker_down_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch, caplo
         assert time.monotonic() - started < 15
         assert "reconciler will send it again" in caplog.text
         with pytest.raises(Exception):  # noqa: B017 - kombu raises its own connection errors
-            send_or_raise("ftjob-lost")
+            send_or_raise(TASK_NAME, "ftjob-lost")
         assert queue_depth() is None
     finally:
         get_settings.cache_clear()

@@ -20,7 +20,7 @@ from backend.training.checkpoints import checkpoint_step, latest_complete_checkp
 from backend.workers.celery_app import QUEUE
 from backend.workers.reconciler import reconcile_once
 from tests.workers.conftest import RECONCILER_REDIS_URL, WorkerStack, create_job, job_events, wait_for
-from tests.workers.test_tasks import (
+from tests.workers.jobs.test_task import (
     _checkpoints,
     _gone,
     _trainer_pid,
@@ -42,7 +42,7 @@ def _job(**values: object) -> str:
 
 
 def _queued_messages() -> list[str]:
-    """The job ids of the task messages waiting in Redis db 11."""
+    """The job ids of the task messages waiting in Redis db 10."""
     broker = redis.Redis.from_url(RECONCILER_REDIS_URL)
     bodies = [json.loads(raw) for raw in broker.lrange(QUEUE, 0, -1)]
     # A Celery message body is base64 JSON [args, kwargs, embed]; args is [job_id] and nothing more.

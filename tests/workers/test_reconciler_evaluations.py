@@ -14,9 +14,10 @@ from sqlalchemy import select, update
 from backend.config import Settings
 from backend.db.models import Evaluation, Job, Project, now
 from backend.db.session import session_scope
-from backend.services import evaluations
+from backend.services import evaluation_runs as evaluations
+from backend.services.evaluation_runs import RUN_EVALUATION as EVALUATION_TASK_NAME
 from backend.workers.celery_app import QUEUE
-from backend.workers.evaluation_dispatch import EVALUATION_TASK_NAME, enqueue_evaluation
+from backend.workers.dispatch import enqueue_evaluation
 from backend.workers.reconciler import ReconcileReport, reconcile_once
 from tests.workers.conftest import RECONCILER_REDIS_URL as BROKER_URL
 from tests.workers.conftest import job_events, load_row

@@ -10,6 +10,7 @@ from backend.api.deps import BEARER, JobDep, ProjectDep, SessionDep, release_con
 from backend.api.evaluation_schemas import EvaluationObject, EvaluationRequest
 from backend.api.schemas import ListResponse, error_responses, list_response
 from backend.services import evaluations as evaluation_service
+from backend.workers.dispatch import enqueue_evaluation
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["evaluations"], dependencies=[BEARER],
@@ -27,7 +28,8 @@ def create_evaluation(
     job: JobDep, session: SessionDep, project: ProjectDep, body: Annotated[Any, Body()] = None
 ) -> EvaluationObject:
     """Validate, store as queued, commit, then send its id to the workers."""
-    row = evaluation_service.create_evaluation(session=session, project=project, job=job, body=body)
+    row = evaluation_service.create_evaluation(session=session, project=project, job=job, body=body,
+                                               enqueue=enqueue_evaluation)
     return EvaluationObject.of(row)
 
 

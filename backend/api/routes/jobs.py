@@ -26,6 +26,7 @@ from backend.api.schemas import (
 from backend.db.models import TERMINAL_JOB_STATUSES, Job
 from backend.services import jobs as job_service
 from backend.services.errors import InvalidRequest
+from backend.workers.dispatch import enqueue_job
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"], dependencies=[BEARER],
@@ -45,7 +46,7 @@ def create_job(
     if body.integrations:
         raise InvalidRequest("Integrations are not supported by safetrain.", param="integrations")
     spec = job_service.JobSpec(**body.model_dump(exclude={"integrations"}))
-    job = job_service.create_job(session=session, settings=settings, project=project, spec=spec)
+    job = job_service.create_job(session=session, settings=settings, project=project, spec=spec, enqueue=enqueue_job)
     return FineTuningJob.of(job)
 
 
@@ -94,7 +95,8 @@ def pause_job(job: JobDep, session: SessionDep) -> FineTuningJob:
 @router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob, summary="Resume a paused job")
 def resume_job(job: JobDep, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> FineTuningJob:
     """Re-queue a paused job; it continues from its last complete checkpoint."""
-    return FineTuningJob.of(job_service.resume_job(session=session, settings=settings, project=project, job=job))
+    resumed = job_service.resume_job(session=session, settings=settings, project=project, job=job, enqueue=enqueue_job)
+    return FineTuningJob.of(resumed)
 
 
 @router.get(

@@ -17,13 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from backend.db.models import new_id
-from backend.db.session import session_scope
 from backend.services import job_runs
 from backend.training.events import TrainingEvent
+from backend.workers.writes import with_retry
 
 logger = logging.getLogger(__name__)
 
@@ -33,23 +32,6 @@ METRIC_FIELDS = (
     "step", "train_loss", "learning_rate", "tokens_per_second", "gpu_memory_used_bytes", "peak_memory_bytes",
     "epoch", "total_steps",
 )
-
-
-def with_retry(write: Callable[[Session], T], *, retry_seconds: float = 60.0) -> T:
-    """Run `write` in a session_scope, retrying while the database is unreachable (not on a refused fence)."""
-    deadline = time.monotonic() + retry_seconds
-    delay = 0.2
-    while True:
-        try:
-            with session_scope() as session:
-                return write(session)
-        except DBAPIError as exc:
-            transient = isinstance(exc, OperationalError) or exc.connection_invalidated
-            if not transient or time.monotonic() >= deadline:
-                raise
-            logger.warning("database write failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 class AttemptRecorder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from backend.workers.gpu import Device, acquire_device, candidate_devices, list_gpus
+from backend.devices import Device, acquire_device, candidate_devices, list_gpus
 
 
 def _gpu(free_gib: int) -> Device:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from backend.config import Settings
 from backend.db.models import File, Job
+from backend.devices import Device, candidate_devices
 from backend.training.datasets import (
     DatasetError,
     DatasetFormat,
@@ -28,7 +29,6 @@ from backend.training.datasets import (
 )
 from backend.training.memory import apply_safe_defaults, load_model_config, plan_memory
 from backend.training.options import API_TRAINING_FIELDS, TrainingOptions
-from backend.workers.gpu import Device, candidate_devices
 
 MIN_TRAINING_EXAMPLES = 1
 TOKEN_STATS_MAX_EXAMPLES = 2000  # enough to warn about truncation without tokenizing a huge file twice

@@ -1,22 +1,19 @@
-"""The evaluation's own process: `python -m backend.workers.evaluation_child <spec.json> <event_fd>`.
+"""The evaluation's own process: `python -m backend.workers.evaluations.child <spec.json> <event_fd>`.
 
 It loads the base model with the job's adapter and runs the harness (every completion in the sandbox, or
 lint only), writing one JSON line per finished task and then the report (or why it failed) on `event_fd`.
 Generated code never runs here: the harness hands it to bubblewrap, and refuses (SandboxUnavailable) where
-that isolation is missing. It dies with its parent, like the trainer child.
+that isolation is missing. Around it, backend/workers/child_entry.py reads the spec and makes the process
+die with its worker, as it does for the trainer.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import traceback
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-from backend.workers.child import EventPipe, die_with_parent
+from backend.workers.child_entry import EventPipe, run_child
 
 # A sample's completion kept in the results: enough to read what the model wrote, bounded per sample.
 COMPLETION_CHARS = 1000
@@ -57,17 +54,5 @@ def run(spec: dict[str, Any], pipe: EventPipe) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    """Entry point: argv is [spec_path, event_fd]."""
-    spec_path, event_fd = argv
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    die_with_parent(int(spec["parent_pid"]))
-    with os.fdopen(int(event_fd), "w", encoding="utf-8", buffering=1) as stream:
-        return run(spec, EventPipe(stream))
-
-
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip torch's slow teardown: the report is on the pipe
+    run_child(run)

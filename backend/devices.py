@@ -1,5 +1,7 @@
 """Which device a job trains on: the NVIDIA GPU with the most free memory (pynvml), else the CPU.
 
+Both sides use it: the API plans an estimate against the roomiest GPU, a worker holds one for its child.
+
 One training process at a time per GPU: a worker holds an exclusive lock file per GPU (named by its
 UUID, in the machine's temporary folder) for as long as its trainer runs, so two pool processes of the
 same machine never pick the same GPU even when both read the free memory before either has allocated.

@@ -22,8 +22,8 @@ from backend.config import Settings
 from backend.db.models import Checkpoint, Job, Project
 from backend.db.session import session_scope
 from backend.training.events import TrainingEvent
-from backend.workers import recorder as recorder_module
-from backend.workers.recorder import AttemptRecorder
+from backend.workers import writes as recorder_module
+from backend.workers.jobs.recorder import AttemptRecorder
 from tests.workers.conftest import job_events
 
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, func, select
 
+from backend.db.fence import StaleAttemptError
 from backend.db.models import Checkpoint, File, Job, JobEvent, Project, TelemetrySample, now
 from backend.db.session import session_scope, set_engine
 from backend.services import job_runs
-from backend.services.job_runs import StaleAttemptError
 
 
 @pytest.fixture

@@ -9,68 +9,21 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from backend.config import Settings
-from backend.db.migrations import upgrade_to_head
-from backend.db.models import Artifact, Evaluation, File, Job, JobEvent, Project
-from backend.db.session import make_engine, session_scope, set_engine
+from backend.db.models import Artifact, Evaluation, File, Job, JobEvent
+from backend.db.session import session_scope
 from backend.evaluation.harness import EvalTask, check_completion
-from backend.services import evaluations
-from backend.services.evaluations import ClaimedEvaluation, EvaluationOptions
+from backend.services import evaluation_runs, evaluations
+from backend.services.evaluation_runs import ClaimedEvaluation
+from backend.services.evaluations import EvaluationOptions
 from backend.services.storage import hash_file
-from backend.workers.evaluation_task import EvaluationRun
-from backend.workers.outcome import archive_adapter
+from backend.workers.evaluations.run import EvaluationRun
 from tests.evaluation.conftest import SOLVED, UNSOLVED
-
-
-@dataclass
-class Stored:
-    settings: Settings
-    job_id: str
-    adapter_path: Path
-    adapter_dir: Path
-
-
-@pytest.fixture()
-def stored(tmp_path: Path, silent_model_dir: Path, silent_adapter_dir: Path) -> Iterator[Stored]:
-    """A migrated SQLite database with a succeeded job of the silent model, its adapter archive and an evals file."""
-    settings = Settings(data_dir=tmp_path / "var", models_dir=silent_model_dir.parent,
-                        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", heartbeat_seconds=1)
-    engine = make_engine(settings.database_url)
-    upgrade_to_head(engine)
-    set_engine(engine)
-    archive = settings.data_dir / "artifacts" / "job" / "adapter.zip"
-    archive_adapter(silent_adapter_dir, archive, extra_manifest={"base_model_name": silent_model_dir.name})
-    evals = settings.data_dir / "files" / "evals.jsonl"
-    evals.parent.mkdir(parents=True)
-    evals.write_text("".join(json.dumps(task) + "\n" for task in (SOLVED, UNSOLVED)))
-    sha256, size = hash_file(archive)
-    with session_scope() as session:
-        project = Project(name="p")
-        session.add(project)
-        session.flush()
-        job = Job(project_id=project.id, model=silent_model_dir.name, training_file_id="file-x", status="succeeded",
-                  attempt=1)
-        session.add(job)
-        session.add(File(id="file-evals", project_id=project.id, filename="evals.jsonl", purpose="evals", bytes=1,
-                         sha256="0" * 64, path="files/evals.jsonl"))
-        session.add(File(id="file-adapter", project_id=project.id, filename="a.zip", purpose="fine-tune-results",
-                         bytes=size, sha256=sha256, path="artifacts/job/adapter.zip"))
-        session.flush()
-        session.add(Artifact(job_id=job.id, file_id="file-adapter", path="artifacts/job/adapter.zip", sha256=sha256,
-                             bytes=size))
-        job_id = job.id
-    try:
-        yield Stored(settings, job_id, archive, silent_adapter_dir)
-    finally:
-        set_engine(None)
-        engine.dispose()
+from tests.workers.evaluations.conftest import Stored
 
 
 def _evaluate(stored: Stored, **options: object) -> Evaluation:
@@ -81,8 +34,8 @@ def _evaluate(stored: Stored, **options: object) -> Evaluation:
                                          options=EvaluationOptions(file="file-evals", **options))  # type: ignore[arg-type]
         evaluation_id = row.id
     with session_scope() as session:
-        claimed = evaluations.claim_evaluation(session=session, evaluation_id=evaluation_id, worker="test",
-                                               stale_before=0)
+        claimed = evaluation_runs.claim_evaluation(session=session, evaluation_id=evaluation_id, worker="test",
+                                                   stale_before=0)
     assert isinstance(claimed, ClaimedEvaluation), claimed
     EvaluationRun(claimed, stored.settings).run()
     with session_scope() as session:
@@ -154,18 +107,3 @@ def test_without_the_sandbox_the_evaluation_fails_closed(stored: Stored, monkeyp
     assert evaluation.results is None
     errors = [event for event in _events(stored.job_id, evaluation.id) if event.level == "error"]
     assert errors and "sandbox is unavailable" in errors[0].message
-
-
-def test_an_evaluation_of_a_job_that_did_not_succeed_is_refused_by_the_claim(stored: Stored) -> None:
-    with session_scope() as session:
-        job = session.scalar(select(Job).where(Job.id == stored.job_id))
-        assert job is not None
-        job.status = "failed"
-        row = evaluations.add_evaluation(session=session, job=job, options=EvaluationOptions(file="file-evals"))
-        evaluation_id = row.id
-    with session_scope() as session:
-        claimed = evaluations.claim_evaluation(session=session, evaluation_id=evaluation_id, worker="t",
-                                               stale_before=0)
-    assert isinstance(claimed, str) and "did not succeed" in claimed
-    with session_scope() as session:
-        assert session.scalar(select(Evaluation.status).where(Evaluation.id == evaluation_id)) == "failed"

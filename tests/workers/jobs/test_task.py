@@ -17,6 +17,7 @@ from backend.db.models import Artifact, Checkpoint, File, Job, Project, Telemetr
 from backend.db.session import session_scope
 from backend.services import job_runs
 from backend.services.jobs import cancel_job, pause_job, resume_job
+from backend.workers.dispatch import enqueue_job
 from tests.workers.conftest import WorkerStack, create_job, job_events, job_status, load_job, wait_for
 
 JOB_TIMEOUT = 120.0
@@ -60,7 +61,7 @@ def _request(job_id: str, action: str, stack: WorkerStack) -> None:
         else:
             project = session.get(Project, job.project_id)
             assert project is not None
-            resume_job(session=session, settings=stack.settings, project=project, job=job)
+            resume_job(session=session, settings=stack.settings, project=project, job=job, enqueue=enqueue_job)
 
 
 def _gone(pid: int) -> bool:

@@ -1,4 +1,4 @@
-"""The one Celery task: claim the job in SQL, validate and plan, run the trainer child, record the outcome."""
+"""The job task: claim the job in SQL, validate and plan, run the trainer child, record the outcome."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ import os
 import socket
 
 from backend.config import get_settings
+from backend.db.fence import StaleAttemptError
 from backend.db.session import session_scope
 from backend.services import job_runs
-from backend.services.job_runs import StaleAttemptError
-from backend.workers.attempt import run_attempt
-from backend.workers.celery_app import TASK_NAME, app
-from backend.workers.evaluation_task import follow_training  # also registers safetrain.run_evaluation
-from backend.workers.recorder import AttemptRecorder
+from backend.workers.celery_app import app
+from backend.workers.evaluations.task import follow_training
+from backend.workers.jobs.attempt import run_attempt
+from backend.workers.jobs.recorder import AttemptRecorder
 
 logger = logging.getLogger(__name__)
 
 
-@app.task(name=TASK_NAME, ignore_result=True)
+@app.task(name=job_runs.RUN_JOB, ignore_result=True)
 def run_job(job_id: str) -> None:
     """Run one attempt of fine-tuning job `job_id` (the message carries nothing else)."""
     settings = get_settings()

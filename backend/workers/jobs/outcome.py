@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import signal
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +12,15 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
+from backend.db.statuses import JobStatus
 from backend.services import job_runs
 from backend.services.storage import hash_file
 from backend.training.events import EXIT_STOPPED
-from backend.training.manifest import MANIFEST_FILENAME
-from backend.workers.recorder import AttemptRecorder, keep_alive
-from backend.workers.runner import TrainerOutcome
+from backend.workers.adapter_archive import archive_adapter
+from backend.workers.jobs.recorder import AttemptRecorder, keep_alive
+from backend.workers.jobs.runner import TrainerOutcome
 
 logger = logging.getLogger(__name__)
-
-# What the output folder holds besides the adapter: never part of the archive.
-_NOT_ARCHIVED = ("telemetry.jsonl",)
-
 
 @dataclass(frozen=True)
 class JobIdentity:
@@ -41,30 +35,6 @@ class JobIdentity:
 def fine_tuned_model_name(identity: JobIdentity) -> str:
     """`ft:<base>:<suffix or project name>:<job id>`."""
     return f"ft:{identity.model}:{identity.suffix or identity.project_name}:{identity.job_id}"
-
-
-def archive_adapter(adapter_dir: Path, destination: Path, *, extra_manifest: dict[str, Any]) -> None:
-    """Zip the adapter folder's files (adapter, tokenizer, safetrain.json) to `destination`, whole or not at all."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.part")
-    manifest_path = adapter_dir / MANIFEST_FILENAME
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
-    manifest.update(extra_manifest)
-    try:
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(adapter_dir.iterdir()):
-                if not path.is_file() or path.name.startswith(".") or path.name in (*_NOT_ARCHIVED, MANIFEST_FILENAME):
-                    continue
-                # safetensors do not compress: store them and spare the CPU.
-                method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
-                archive.write(path, arcname=path.name, compress_type=method)
-            archive.writestr(MANIFEST_FILENAME, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -87,7 +57,7 @@ class OutcomeRecorder:
         self.recorder = recorder
         self.settings = settings
 
-    def finish(self, status: str, **values: Any) -> None:
+    def finish(self, status: JobStatus, **values: Any) -> None:
         """Record the attempt's final status (fenced), with the job fields in `values`."""
         self.recorder.write(
             lambda s: job_runs.finish(
@@ -102,22 +72,22 @@ class OutcomeRecorder:
             return "stale"
         if outcome.stop_reason == "cancel":
             self.recorder.message("Job cancelled: the trainer stopped and its device is free")
-            self.finish("cancelled")
-            return "cancelled"
+            self.finish(JobStatus.CANCELLED)
+            return JobStatus.CANCELLED
         if outcome.stop_reason == "pause" and result.get("status") != "succeeded":
             if outcome.returncode == EXIT_STOPPED:
                 self.recorder.message(f"Job paused at step {result.get('steps', 0)}: resume continues from there")
             else:
                 self.recorder.message("Job paused: resume continues from the last complete checkpoint", level="warn")
-            self.finish("paused")
-            return "paused"
+            self.finish(JobStatus.PAUSED)
+            return JobStatus.PAUSED
         if result.get("status") == "succeeded":
             with keep_alive(self.recorder, self.settings.heartbeat_seconds):
                 return self.succeed(result)
         if result.get("status") == "failed":
             message = result.get("error_message") or "The trainer failed."
-            self.finish("failed", error=_error(result.get("error_code") or "error", message))
-            return "failed"
+            self.finish(JobStatus.FAILED, error=_error(result.get("error_code") or "error", message))
+            return JobStatus.FAILED
         if result.get("status") == "stopped" and outcome.returncode == EXIT_STOPPED:
             return self.handed_back(result)
         return self.crashed(outcome)
@@ -147,8 +117,8 @@ class OutcomeRecorder:
             sha256, size = hash_file(destination)
         except OSError as error:
             destination.unlink(missing_ok=True)
-            self.finish("failed", error=_error("artifact_store_error", f"Could not store the adapter: {error}"))
-            return "failed"
+            self.finish(JobStatus.FAILED, error=_error("artifact_store_error", f"Could not store the adapter: {error}"))
+            return JobStatus.FAILED
         filename = f"{identity.job_id}-adapter.zip"
         file_id = self.recorder.write(
             lambda s: job_runs.store_result_file(
@@ -158,10 +128,10 @@ class OutcomeRecorder:
         )
         self.recorder.message(f"Adapter stored as {file_id} ({size} bytes)", data={"file_id": file_id})
         self.finish(
-            "succeeded", fine_tuned_model=fine_tuned_model_name(identity), result_files=[file_id],
+            JobStatus.SUCCEEDED, fine_tuned_model=fine_tuned_model_name(identity), result_files=[file_id],
             trained_tokens=int(result.get("trained_tokens") or 0),
         )
-        return "succeeded"
+        return JobStatus.SUCCEEDED
 
     def crashed(self, outcome: TrainerOutcome) -> str:
         """A trainer that died without a result: retry as the next attempt, or fail once max_attempts are lost."""
@@ -184,5 +154,5 @@ class OutcomeRecorder:
         message = f"Gave up after {lost} lost attempts (max_attempts {cap}); last: {how} on attempt {attempt}."
         if tail:
             message += f" Last output: {tail}"
-        self.finish("failed", error=_error("trainer_crashed", message))
-        return "failed"
+        self.finish(JobStatus.FAILED, error=_error("trainer_crashed", message))
+        return JobStatus.FAILED

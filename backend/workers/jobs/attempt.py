@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from backend.config import Settings
+from backend.db.fence import StaleAttemptError
 from backend.db.models import File
 from backend.db.session import session_scope
+from backend.db.statuses import JobStatus
+from backend.devices import DeviceLease
 from backend.services import job_runs
-from backend.services.job_runs import StaleAttemptError
 from backend.training.events import TrainingEvent
-from backend.workers.gpu import DeviceLease, acquire_device, candidate_devices
-from backend.workers.outcome import JobIdentity, OutcomeRecorder
-from backend.workers.preparation import JobRefused, PreparedRun, prepare_run
-from backend.workers.recorder import AttemptRecorder, keep_alive
-from backend.workers.runner import STOP_ACTIONS, run_trainer
+from backend.workers.dispatch import enqueue_job
+from backend.workers.jobs.outcome import JobIdentity, OutcomeRecorder
+from backend.workers.jobs.preparation import JobRefused, PreparedRun, prepare_run
+from backend.workers.jobs.recorder import AttemptRecorder, keep_alive
+from backend.workers.jobs.runner import run_trainer
+from backend.workers.supervisor import STOP_ACTIONS, hold_device
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ def run_attempt(recorder: AttemptRecorder, settings: Settings, worker: str) -> s
     identity, prepared = _validate(recorder, settings, worker)
     outcomes = OutcomeRecorder(identity, recorder, settings)
     if prepared is None:
-        return "failed"
+        return JobStatus.FAILED
     lease = _hold_device(recorder, prepared, settings)
     if lease is None:
         return _stop_before_start(outcomes, recorder)
@@ -52,8 +54,6 @@ def run_attempt(recorder: AttemptRecorder, settings: Settings, worker: str) -> s
         lease.release()
     status = outcomes.record(outcome)
     if status == "requeued":
-        from backend.workers.dispatch import enqueue_job
-
         enqueue_job(job_id)
     logger.info("job %s attempt %s: %s", job_id, attempt, status)
     return status
@@ -102,7 +102,7 @@ def _validate(recorder: AttemptRecorder, settings: Settings, worker: str) -> tup
         error = refusal.as_error()
         recorder.message(refusal.message, level="error")
         recorder.write(lambda s: job_runs.finish(
-            session=s, job_id=recorder.job_id, attempt=recorder.attempt, status="failed", error=error
+            session=s, job_id=recorder.job_id, attempt=recorder.attempt, status=JobStatus.FAILED, error=error
         ))
         return identity, None
     for note in prepared.notes:
@@ -117,25 +117,23 @@ def _validate(recorder: AttemptRecorder, settings: Settings, worker: str) -> tup
 
 def _hold_device(recorder: AttemptRecorder, prepared: PreparedRun, settings: Settings) -> DeviceLease | None:
     """The roomiest device that fits the plan, waiting (with heartbeats) while others hold them; None if stopped."""
-    candidates = prepared.devices
     waited = False
-    while True:
-        lease = acquire_device(prepared.estimate_bytes, candidates)
-        if lease is not None:
-            return lease
+
+    def still_wanted() -> bool:
+        nonlocal waited
         if not waited:
             recorder.message("Waiting for a GPU with room for the plan", level="warn")
             waited = True
-        if recorder.heartbeat() in STOP_ACTIONS:
-            return None
-        time.sleep(settings.heartbeat_seconds)
-        candidates = candidate_devices()
+        return recorder.heartbeat() not in STOP_ACTIONS
+
+    return hold_device(prepared.estimate_bytes, still_wanted=still_wanted, interval=settings.heartbeat_seconds,
+                       candidates=prepared.devices)
 
 
 def _stop_before_start(outcomes: OutcomeRecorder, recorder: AttemptRecorder) -> str:
     """Honour a cancel or pause that arrived before the trainer started."""
     action = recorder.heartbeat()
-    status = "cancelled" if action == "cancel" else "paused"
+    status = JobStatus.CANCELLED if action == "cancel" else JobStatus.PAUSED
     recorder.message(f"Job {status} before training started")
     outcomes.finish(status)
     return status

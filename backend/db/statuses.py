@@ -1,0 +1,60 @@
+"""The states of leased rows and the moves between them: one table each for jobs and evaluations.
+
+The members are `StrEnum`s, so they compare equal to (and are stored and served as) the plain strings.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    """Where a fine-tuning job is."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+
+
+class EvaluationStatus(StrEnum):
+    """Where an evaluation of a job's adapter is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+# Every move a row may make, by who makes it: the API (cancel, pause, resume), a worker (claim, run, finish,
+# requeue after a crash or a shutdown) and the reconciler (expire a silent attempt). A status missing as a
+# key is terminal.
+TRANSITIONS: dict[StrEnum, frozenset[StrEnum]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.VALIDATING_FILES, JobStatus.CANCELLED, JobStatus.PAUSED}),
+    JobStatus.VALIDATING_FILES: frozenset({
+        JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED,
+    }),
+    JobStatus.RUNNING: frozenset({
+        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED,
+    }),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
+    EvaluationStatus.QUEUED: frozenset({EvaluationStatus.RUNNING, EvaluationStatus.FAILED}),
+    # running -> running: a claim takes over an attempt whose heartbeat stopped.
+    EvaluationStatus.RUNNING: frozenset({
+        EvaluationStatus.SUCCEEDED, EvaluationStatus.FAILED, EvaluationStatus.QUEUED, EvaluationStatus.RUNNING,
+    }),
+}
+
+JOB_STATUSES = tuple(JobStatus)
+EVALUATION_STATUSES = tuple(EvaluationStatus)
+TERMINAL_JOB_STATUSES = frozenset(status for status in JobStatus if status not in TRANSITIONS)
+# Statuses that count against a project's concurrent-job quota.
+ACTIVE_JOB_STATUSES = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING})
+
+
+def can_move(sources: tuple[StrEnum, ...], target: StrEnum) -> bool:
+    """Whether a row in any of `sources` may move to `target`."""
+    return any(target in TRANSITIONS.get(source, frozenset()) for source in sources)

@@ -20,6 +20,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check backend tests benchmarks
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy backend

@@ -66,10 +66,19 @@ def _slice_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits.float()
 
 
-def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp that overwrites `logits` (torch.logsumexp would allocate a second slice)."""
+def _exp_and_logsumexp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise log-sum-exp and sum of exponentials, leaving exp(logits - row max) in `logits`."""
+    # In place: torch.logsumexp would allocate a second slice-sized temporary.
     peak = logits.amax(dim=1, keepdim=True)
-    return peak.squeeze(1) + logits.sub_(peak).exp_().sum(dim=1).log()
+    sums = logits.sub_(peak).exp_().sum(dim=1)
+    return peak.squeeze(1) + sums.log(), sums
+
+
+def _minus_one_hot_(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d(summed loss)/d(logits) of a slice: softmax minus the one-hot targets, in place."""
+    rows = torch.arange(targets.numel(), device=probabilities.device)
+    probabilities[rows, targets] -= 1.0
+    return probabilities
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -84,26 +93,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         labels: torch.Tensor,
         chunk_tokens: int,
     ) -> torch.Tensor:
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # ignored tokens (prompt, padding) are never projected
         targets = labels.index_select(0, rows)
         # Only each row's log-sum-exp survives the forward: 4 bytes a token instead of 4 x V.
         lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kept = None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, rows.numel(), chunk_tokens):
                 stop = min(start + chunk_tokens, rows.numel())
                 logits = _slice_logits(hidden.index_select(0, rows[start:stop]), weight, bias)
                 picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
-                lse[start:stop] = _logsumexp_(logits)
+                lse[start:stop], sums = _exp_and_logsumexp_(logits)
                 total += (lse[start:stop] - picked).sum()
+                if rows.numel() <= chunk_tokens:
+                    # A single slice fits the budget anyway: keep its gradient rather than project twice.
+                    kept = _minus_one_hot_(logits.div_(sums[:, None]), targets)
                 del logits  # the slice is freed before the next one is projected
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, lse, kept)
         ctx.chunk_tokens = chunk_tokens
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, rows, targets, lse, kept = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
         # Weight and bias gradients add up over slices in fp32, as one full-batch matmul would accumulate them.
@@ -114,14 +127,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 stop = min(start + ctx.chunk_tokens, rows.numel())
                 index = rows[start:stop]
                 inputs = hidden.index_select(0, index)
-                grad_logits = _softmax_minus_one_hot(_slice_logits(inputs, weight, bias), lse, targets, start, stop)
-                grad_logits.mul_(grad_total)
+                grad_logits = kept if kept is not None else _recomputed_grad_logits(
+                    inputs, weight, bias, lse[start:stop], targets[start:stop]
+                )
+                # grad_total scales the small products, never the slice: no extra V-wide pass, and a kept
+                # slice stays as saved (a second backward with retain_graph sees it unchanged).
                 if grad_hidden is not None:
-                    grad_hidden.index_copy_(0, index, grad_logits.to(weight.dtype) @ weight)
+                    grad_hidden.index_copy_(0, index, (grad_logits.to(weight.dtype) @ weight) * grad_total)
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.T, inputs.float())
+                    grad_weight.addmm_(grad_logits.T, inputs.float() * grad_total)
                 if grad_bias is not None:
-                    grad_bias.add_(grad_logits.sum(dim=0))
+                    grad_bias.add_(grad_logits.sum(dim=0) * grad_total)
                 del grad_logits  # one slice's logits at a time, in the backward too
         return (
             grad_hidden,
@@ -132,14 +148,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _softmax_minus_one_hot(
-    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, start: int, stop: int
+def _recomputed_grad_logits(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """d(loss)/d(logits) of a slice, computed in place over its recomputed logits."""
-    probabilities = logits.sub_(lse[start:stop, None]).exp_()
-    rows = torch.arange(stop - start, device=logits.device)
-    probabilities[rows, targets[start:stop]] -= 1.0
-    return probabilities
+    """A slice's d(loss)/d(logits), its logits projected again and turned into probabilities in place."""
+    probabilities = _slice_logits(inputs, weight, bias).sub_(lse[:, None]).exp_()
+    return _minus_one_hot_(probabilities, targets)
 
 
 def chunked_cross_entropy(

@@ -67,6 +67,18 @@ def test_loss_and_gradients_equal_the_plain_loss(chunk_tokens: int | None, bias:
         torch.testing.assert_close(got, want, **FP32)
 
 
+@pytest.mark.parametrize("chunk_tokens", [6, None], ids=["recomputed", "one-slice-kept"])
+def test_a_scaled_loss_backpropagated_twice_gives_twice_the_scaled_gradients(chunk_tokens: int | None) -> None:
+    states, weight, offset, labels = random_problem()
+    inputs = [states, weight, offset]
+    loss = chunked_cross_entropy(states, weight, labels, offset, chunk_tokens=chunk_tokens) / 3  # as the trainer
+    loss.backward(retain_graph=True)
+    loss.backward()  # the kept slice must not have been changed in place by the first backward
+    for got, want in zip([t.grad for t in inputs], grads_of(plain_loss(states, weight, labels, offset), inputs),
+                         strict=True):
+        torch.testing.assert_close(got, want * 2 / 3, **FP32)
+
+
 def test_all_tokens_ignored_is_zero_with_zero_gradients() -> None:
     states, weight, _, labels = random_problem(bias=False)
     loss = chunked_cross_entropy(states, weight, torch.full_like(labels, IGNORE_INDEX), chunk_tokens=4)

@@ -45,6 +45,19 @@ def chunk_tokens_for(vocab_size: int, budget_bytes: int = DEFAULT_BUDGET_BYTES) 
     return max(1, budget_bytes // (vocab_size * BYTES_PER_LOGIT))
 
 
+def chunked_loss_bytes(
+    tokens: int, vocab_size: int, hidden_size: int, *, element_bytes: int = 4, budget_bytes: int = DEFAULT_BUDGET_BYTES
+) -> int:
+    """The memory plan's term for the PyTorch chunked loss: one slice's working set plus what it keeps per token.
+
+    A trained head's gradient (V x H, accumulated in fp32) is the plan's gradient term, not counted here.
+    """
+    chunk = min(tokens, chunk_tokens_for(vocab_size, budget_bytes))
+    upcast = element_bytes if element_bytes < 4 else 0  # the half-precision matmul output while it is upcast
+    per_token = 20 + hidden_size * element_bytes  # row index, target and log-sum-exp; the hidden states' gradient
+    return chunk * vocab_size * (4 + upcast) + tokens * per_token
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Next-token labels aligned with every hidden state, the last position ignored."""
     # Shifting the labels rather than slicing hidden[:, :-1] keeps the hidden states contiguous: no B x T x H copy.
@@ -93,6 +106,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         labels: torch.Tensor,
         chunk_tokens: int,
     ) -> torch.Tensor:
+        # The head is cast here, not before: its gradient then comes back in its own dtype (fp32 master weights
+        # under autocast) with no half-precision V x H copy and no cast back.
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # ignored tokens (prompt, padding) are never projected
         targets = labels.index_select(0, rows)
         # Only each row's log-sum-exp survives the forward: 4 bytes a token instead of 4 x V.
@@ -141,8 +159,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del grad_logits  # one slice's logits at a time, in the backward too
         return (
             grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None if grad_weight is None else grad_weight.to(ctx.weight_dtype),
+            None if grad_bias is None else grad_bias.to(ctx.bias_dtype),
             None,
             None,
         )
@@ -171,9 +189,9 @@ def chunked_cross_entropy(
     if tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive (got {tokens})")
     return _ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.size(-1)).to(dtype),
-        weight.to(dtype),
-        None if bias is None else bias.to(dtype),
+        hidden.reshape(-1, hidden.size(-1)).to(dtype),  # the projection runs in the hidden states' dtype
+        weight,
+        bias,
         labels.reshape(-1).to(hidden.device),
         tokens,
     )

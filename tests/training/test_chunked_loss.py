@@ -18,6 +18,7 @@ from backend.training.chunked_loss import (
     causal_lm_summed_loss,
     chunk_tokens_for,
     chunked_cross_entropy,
+    chunked_loss_bytes,
     chunked_loss_head,
     final_hidden_states,
     fused_linear_cross_entropy,
@@ -159,6 +160,20 @@ def test_backward_keeps_no_whole_logits() -> None:
     one_logits = 512 * 8192 * 4  # 16 MiB; a 32-token slice is 1 MiB
     assert peaks[0] >= 2 * one_logits
     assert peaks[1] < one_logits / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_tokens", [32, 1024], ids=["sliced", "one-slice-kept"])
+def test_the_planned_bytes_match_the_live_tensor_peak(dtype: torch.dtype, chunk_tokens: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    states = torch.randn(512, 32, generator=generator).to(dtype).requires_grad_()
+    weight = torch.randn(8192, 32, generator=generator).to(dtype)
+    labels = torch.randint(0, 8192, (512,), generator=generator)
+    with LiveTensorPeak() as live:
+        chunked_cross_entropy(states, weight, labels, chunk_tokens=chunk_tokens).backward()
+    element = torch.finfo(dtype).bits // 8
+    planned = chunked_loss_bytes(512, 8192, 32, element_bytes=element, budget_bytes=chunk_tokens * 8192 * 6)
+    assert abs(live.peak / planned - 1) < 0.05, (live.peak, planned)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,8 +2,14 @@
 
 A checkpoint folder `checkpoint-<step>` holds the trainable weights (the adapter with LoRA, the full model
 otherwise) saved with `save_pretrained`, the optimizer and scheduler state, every RNG state, the trainer
-state (`trainer_state.json`) and a `COMPLETE` marker written last. Everything loaded back goes through
+state (`trainer_state.json`) and a `COMPLETE` marker written last. Under DeepSpeed it holds every rank's
+shard instead of the weights and optimizer files. Everything loaded back goes through
 `torch.load(..., weights_only=True)` or safetensors, so a checkpoint folder cannot run code.
+
+Both kinds follow one protocol: a fresh temporary folder, every file and the folder fsynced, the marker, then
+a rename into place. A step written twice (a replay after a rollback) moves the older copy aside before the
+rename and deletes it only after: a crash in between leaves the older copy aside, and resolving the resume
+checkpoint puts it back (`restore_interrupted_replace`), so a complete copy is found after a crash at any point.
 """
 
 from __future__ import annotations
@@ -16,14 +22,18 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+if TYPE_CHECKING:
+    from backend.training.distributed import Ranks
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-checkpoint-"
+ASIDE_PREFIX = ".old-"  # an older copy of the same step, moved aside while its replacement is renamed in
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -92,8 +102,10 @@ def resolve_resume_checkpoint(spec: str | None, output_dir: str | Path) -> Path 
     if spec is None:
         return None
     if spec == "latest":
+        restore_interrupted_replace(output_dir)
         return latest_complete_checkpoint(output_dir)
     path = Path(spec)
+    restore_interrupted_replace(path.parent)
     if not path.is_dir():
         raise CheckpointError(f"--resume_from_checkpoint {spec}: no such folder")
     if not (path / COMPLETE_MARKER).is_file() or not (path / TRAINER_STATE_FILE).is_file():
@@ -106,6 +118,28 @@ def read_trainer_state(path: Path) -> TrainerState:
     return TrainerState.from_dict(json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8")))
 
 
+def save_checkpoint_on_ranks(
+    output_dir: str | Path,
+    *,
+    ranks: Ranks,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainerState,
+    save_total_limit: int,
+) -> Path:
+    """Every rank calls this, and none returns before the checkpoint is complete: under DeepSpeed each rank writes
+    its shard, otherwise the main rank writes the one copy (DDP keeps identical states on every rank)."""
+    if ranks.deepspeed:
+        return save_sharded_checkpoint(output_dir, ranks=ranks, state=state, save_total_limit=save_total_limit)
+    path = Path(output_dir) / f"{CHECKPOINT_PREFIX}{state.step}"
+    if ranks.is_main:
+        path = save_checkpoint(output_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                               save_total_limit=save_total_limit)
+    ranks.barrier()  # no rank goes on, or rolls back to it, before the checkpoint is complete
+    return path
+
+
 def save_checkpoint(
     output_dir: str | Path,
     *,
@@ -116,24 +150,57 @@ def save_checkpoint(
     save_total_limit: int,
 ) -> Path:
     """Write `checkpoint-<step>` atomically, then keep only the newest `save_total_limit`; return its path."""
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    temporary = root / f"{TEMP_PREFIX}{state.step}"
-    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
-    shutil.rmtree(temporary, ignore_errors=True)  # the leftover of a crash mid-write
-    temporary.mkdir()
+    temporary, final = _fresh_temporary_folder(Path(output_dir), state.step)
     model.save_pretrained(temporary)  # type: ignore[operator]  # safetensors: PEFT and transformers 5 default
     torch.save(optimizer.state_dict(), temporary / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), temporary / SCHEDULER_FILE)
     torch.save(_rng_states(), temporary / RNG_FILE)
+    _complete_and_rename(temporary, final, state, save_total_limit=save_total_limit)
+    return final
+
+
+def save_sharded_checkpoint(
+    output_dir: str | Path, *, ranks: Ranks, state: TrainerState, save_total_limit: int
+) -> Path:
+    """DeepSpeed: every rank writes its shard into the temporary folder; the main rank completes and renames it.
+
+    Every rank calls this, and none returns before the checkpoint is complete.
+    """
+    temporary, final = _checkpoint_paths(Path(output_dir), state.step)
+    if ranks.is_main:
+        _fresh_temporary_folder(Path(output_dir), state.step)
+    ranks.barrier()  # no rank writes its shard before the folder is there
+    ranks.save_sharded_state(temporary)
+    ranks.barrier()  # every shard is written before the main rank completes the folder
+    if ranks.is_main:
+        _complete_and_rename(temporary, final, state, save_total_limit=save_total_limit)
+    ranks.barrier()
+    return final
+
+
+def _checkpoint_paths(root: Path, step: int) -> tuple[Path, Path]:
+    """The temporary folder a checkpoint of `step` is written in, and the name it is renamed to."""
+    return root / f"{TEMP_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def _fresh_temporary_folder(root: Path, step: int) -> tuple[Path, Path]:
+    """An empty temporary folder for `step` (a leftover of a crash mid-write is deleted), and the final path."""
+    temporary, final = _checkpoint_paths(root, step)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    return temporary, final
+
+
+def _complete_and_rename(temporary: Path, final: Path, state: TrainerState, *, save_total_limit: int) -> None:
+    """The trainer state, fsync, the marker, fsync, then the rename into place and the rotation."""
     (temporary / TRAINER_STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2), encoding="utf-8")
-    _fsync_tree(temporary)
+    _fsync_tree(temporary)  # the data is on disk before the marker says it is complete
     (temporary / COMPLETE_MARKER).write_text(f"{state.step}\n", encoding="utf-8")
     _fsync_tree(temporary)
     _replace_folder(temporary, final)
-    _fsync_dir(root)
-    rotate_checkpoints(root, keep=save_total_limit)
-    return final
+    _fsync_dir(final.parent)
+    rotate_checkpoints(final.parent, keep=save_total_limit)
 
 
 def rotate_checkpoints(output_dir: str | Path, *, keep: int) -> list[Path]:
@@ -224,15 +291,35 @@ def _as_python_state(value: Any) -> Any:
 
 
 def _replace_folder(source: Path, target: Path) -> None:
-    """Rename `source` to `target`; a checkpoint already there (a replayed step) is moved aside first."""
+    """Rename `source` to `target`; a folder already there (a replayed step) is moved aside first and deleted
+    only once `source` is in place, so a crash in between leaves it aside for `restore_interrupted_replace`."""
+    aside = target.with_name(f"{ASIDE_PREFIX}{target.name}")
     if target.exists():
-        aside = target.with_name(f".old-{target.name}")
-        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)  # left by a crash after an earlier rename: `target` is newer
         os.rename(target, aside)
-        os.rename(source, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(source, target)
+    os.rename(source, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_interrupted_replace(output_dir: str | Path) -> list[Path]:
+    """Put back each complete checkpoint a crash left moved aside with no replacement; return what was put back.
+
+    An aside whose complete replacement did arrive is only the older copy and is deleted. Every rank of a run may call
+    this at once: a rename another rank made first is not an error.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    restored = []
+    for aside in sorted(folder.glob(f"{ASIDE_PREFIX}{CHECKPOINT_PREFIX}*")):
+        target = aside.with_name(aside.name.removeprefix(ASIDE_PREFIX))
+        if is_complete(target):
+            shutil.rmtree(aside, ignore_errors=True)
+        elif not target.exists() and (aside / COMPLETE_MARKER).is_file():
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(aside, target)
+                restored.append(target)
+    return restored
 
 
 def _fsync_tree(folder: Path) -> None:

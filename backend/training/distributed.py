@@ -1,8 +1,8 @@
 """One process or several: the ranks `accelerate launch` starts, seen by the loop through one small interface.
 
-`Processes` is this process alone: every collective is a no-op and the model is used as loaded, so the
-single-process run is exactly the loop without any of this. Under `accelerate launch` (WORLD_SIZE > 1)
-`AcceleratedProcesses` runs the same loop through an `accelerate.Accelerator`: DistributedDataParallel, or a
+`Ranks` is a run of one rank, this process: every collective is a no-op and the model is used as loaded, so
+the single-process run is exactly the loop without any of this. Under `accelerate launch` (WORLD_SIZE > 1)
+`AcceleratedRanks` runs the same loop through an `accelerate.Accelerator`: DistributedDataParallel, or a
 DeepSpeed ZeRO engine when `--deepspeed PRESET` asks for one (GPUs, or the CPU with DS_ACCELERATOR=cpu).
 """
 
@@ -38,8 +38,8 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[rank * per_rank : (rank + 1) * per_rank])
 
 
-class Processes:
-    """This process alone (rank 0 of 1): collectives are no-ops, the model and optimizer stay as they are."""
+class Ranks:
+    """One rank, this process (rank 0 of 1): collectives are no-ops, the model and optimizer stay as they are."""
 
     rank = 0
     world_size = 1
@@ -91,7 +91,7 @@ class Processes:
         """Leave the process group (nothing to leave alone)."""
 
 
-class AcceleratedProcesses(Processes):
+class AcceleratedRanks(Ranks):
     """The ranks of `accelerate launch`: DDP over gloo (CPU) or NCCL (GPUs), or DeepSpeed ZeRO (GPUs, or CPUs)."""
 
     def __init__(self, accelerator: Any) -> None:
@@ -158,10 +158,10 @@ class AcceleratedProcesses(Processes):
         self.accelerator.end_training()
 
 
-def start_processes(options: TrainingOptions, *, micro_batch_size: int, gradient_accumulation_steps: int) -> Processes:
+def start_ranks(options: TrainingOptions, *, micro_batch_size: int, gradient_accumulation_steps: int) -> Ranks:
     """This process alone, or (under `accelerate launch`) an Accelerator over all the launched ranks."""
     if launched_world_size() <= 1:
-        return Processes()
+        return Ranks()
     from accelerate import Accelerator
 
     plugin = None
@@ -194,4 +194,4 @@ def start_processes(options: TrainingOptions, *, micro_batch_size: int, gradient
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step, not per rank
         kwargs_handlers=handlers,
     )
-    return AcceleratedProcesses(accelerator)
+    return AcceleratedRanks(accelerator)

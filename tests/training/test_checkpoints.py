@@ -1,8 +1,11 @@
-"""Checkpoints: whole or absent, complete state restored exactly, incomplete ones skipped, rotation."""
+"""Checkpoints: whole or absent, complete state restored exactly, incomplete ones skipped, rotation, and a
+complete copy found after a crash at any point of a save (unsharded and DeepSpeed's sharded kind alike)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 import shutil
 from pathlib import Path
@@ -13,6 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from backend.training import checkpoints
 from backend.training.checkpoints import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -20,9 +24,12 @@ from backend.training.checkpoints import (
     complete_checkpoints,
     latest_complete_checkpoint,
     load_checkpoint,
+    read_trainer_state,
     resolve_resume_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
+from backend.training.distributed import DEEPSPEED_STATE_DIR, Ranks
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -116,3 +123,84 @@ def test_rotation_keeps_the_newest_and_a_replayed_step_replaces_its_checkpoint(t
 
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+class OneRankWritingAShard(Ranks):
+    """DeepSpeed's part of a sharded checkpoint, without DeepSpeed: this rank's shard is one small file."""
+
+    def __init__(self, content: str) -> None:
+        self.content = content
+
+    def save_sharded_state(self, folder: Path) -> None:
+        (folder / DEEPSPEED_STATE_DIR).mkdir()
+        (folder / DEEPSPEED_STATE_DIR / "shard.bin").write_text(self.content)
+
+
+def _save_sharded(output_dir: Path, step: int, content: str) -> Path:
+    return save_sharded_checkpoint(output_dir, ranks=OneRankWritingAShard(content),
+                                   state=TrainerState(step=step, metrics={"write": content}), save_total_limit=2)
+
+
+def _shard(path: Path) -> str:
+    return (path / DEEPSPEED_STATE_DIR / "shard.bin").read_text()
+
+
+def test_a_sharded_checkpoint_is_fsynced_before_its_marker_and_renamed_complete(tmp_path, monkeypatch):
+    synced: list[set[str]] = []
+    real_fsync_tree = checkpoints._fsync_tree
+
+    def recording_fsync_tree(folder: Path) -> None:
+        synced.append({str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()})
+        real_fsync_tree(folder)
+
+    monkeypatch.setattr(checkpoints, "_fsync_tree", recording_fsync_tree)
+
+    path = _save_sharded(tmp_path, 5, "first")
+
+    shard = f"{DEEPSPEED_STATE_DIR}/shard.bin"
+    assert synced == [{shard, "trainer_state.json"}, {shard, "trainer_state.json", COMPLETE_MARKER}]
+    assert path == tmp_path / "checkpoint-5" and (path / COMPLETE_MARKER).read_text() == "5\n"
+    assert read_trainer_state(path).metrics == {"write": "first"} and _shard(path) == "first"
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["checkpoint-5"]
+
+
+def _replay_step_4_and_die(output_dir: Path, kill_point: str) -> None:
+    """In a child: write checkpoint-4 again (a replayed step) and exit hard at `kill_point`, as a crash would."""
+    real_rename = os.rename
+
+    def rename_then_die(source: str | Path, target: str | Path) -> None:
+        real_rename(source, target)
+        moved_aside = Path(target).name.startswith(checkpoints.ASIDE_PREFIX)
+        if (kill_point == "old copy moved aside") == moved_aside:
+            os._exit(17)
+
+    if kill_point == "before any rename":
+        checkpoints._replace_folder = lambda source, target: os._exit(17)  # type: ignore[assignment]
+    else:
+        checkpoints.os.rename = rename_then_die  # type: ignore[assignment]
+    _save_sharded(output_dir, 4, "replay")
+    os._exit(0)
+
+
+@pytest.mark.parametrize(
+    ("kill_point", "found"),
+    [("before any rename", "first"), ("old copy moved aside", "first"), ("new copy renamed in", "replay")],
+)
+def test_a_crash_while_a_checkpoint_replaces_its_older_copy_leaves_one_complete(tmp_path, kill_point, found):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("the crash is a forked child's os._exit")
+    _save_sharded(tmp_path, 2, "older")
+    _save_sharded(tmp_path, 4, "first")
+
+    child = multiprocessing.get_context("fork").Process(target=_replay_step_4_and_die, args=(tmp_path, kill_point))
+    child.start()
+    child.join(60)
+
+    assert child.exitcode == 17
+    if kill_point == "old copy moved aside":  # the crash landed between the two renames
+        assert not (tmp_path / "checkpoint-4").exists() and (tmp_path / ".old-checkpoint-4" / COMPLETE_MARKER).exists()
+    resumed = resolve_resume_checkpoint("latest", tmp_path)
+    assert resumed == tmp_path / "checkpoint-4" and (resumed / COMPLETE_MARKER).is_file()
+    assert read_trainer_state(resumed).metrics == {"write": found} and _shard(resumed) == found
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"]
+    assert not (tmp_path / ".old-checkpoint-4").exists()

@@ -26,7 +26,8 @@ from backend.training import trainer
 from backend.training.checkpoints import COMPLETE_MARKER, read_trainer_state
 from backend.training.datasets import TokenizedExample, collate
 from backend.training.deepspeed_presets import deepspeed_available
-from backend.training.distributed import Processes, shard
+from backend.training.distributed import Ranks as Processes
+from backend.training.distributed import shard
 from backend.training.options import TrainingOptions
 from backend.training.trainer import run_training
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict
 
-from backend.db.models import Checkpoint, File, Job, JobEvent, Project, TelemetrySample
+from backend.db.models import Checkpoint, Job, Project
 
 Item = TypeVar("Item", bound=BaseModel)
 
@@ -28,10 +28,21 @@ def list_response(items: list[Item], *, has_more: bool, ids: bool = True) -> dic
     return {"object": "list", "data": items, "has_more": has_more, "first_id": first, "last_id": last}
 
 
+class RowView(BaseModel):
+    """An API object read straight off a row whose columns bear its fields' names."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    @classmethod
+    def of(cls, row: object) -> Self:
+        """The API view of `row`."""
+        return cls.model_validate(row)
+
+
 # ------------------------------------------------------------------------------------------------ files
 
 
-class FileObject(BaseModel):
+class FileObject(RowView):
     """openai.types.FileObject plus safetrain's sha256, format and n_examples."""
 
     id: str
@@ -47,24 +58,6 @@ class FileObject(BaseModel):
     format: str | None = None
     n_examples: int | None = None
 
-    @classmethod
-    def of(cls, row: File) -> FileObject:
-        """The API view of a file row."""
-        return cls.model_validate(
-            dict(
-                id=row.id,
-                bytes=row.bytes,
-                created_at=row.created_at,
-                filename=row.filename,
-                purpose=row.purpose,
-                status=row.status,
-                status_details=row.status_details,
-                sha256=row.sha256,
-                format=row.format,
-                n_examples=row.n_examples,
-            )
-        )
-
 
 class FileDeleted(BaseModel):
     """openai.types.FileDeleted."""
@@ -77,49 +70,6 @@ class FileDeleted(BaseModel):
 # ------------------------------------------------------------------------------------------------ jobs
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
-
-
-class JobCreateRequest(BaseModel):
-    """POST /v1/fine_tuning/jobs: OpenAI's job-create body plus safetrain's `training` object."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: StrictStr
-    training_file: StrictStr
-    validation_file: StrictStr | None = None
-    hyperparameters: dict[str, Any] | None = None
-    method: dict[str, Any] | None = None
-    seed: StrictInt | None = None
-    suffix: StrictStr | None = None
-    metadata: dict[StrictStr, StrictStr] | None = None
-    integrations: list[Any] | None = Field(default=None, description="Not supported: must be empty.")
-    training: dict[str, Any] | None = Field(
-        default=None, description="safetrain's training options (train_safe.py's flag names)."
-    )
-    evaluation: dict[str, Any] | None = Field(
-        default=None, description="safetrain's sandboxed evaluation to run once training succeeds "
-        "(file, n_samples, k, max_new_tokens, temperature, mode)."
-    )
-
-
-class EstimateRequest(BaseModel):
-    """POST /v1/fine_tuning/estimate: a job-create body; no training file needed."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: StrictStr
-    training_file: StrictStr | None = None
-    validation_file: StrictStr | None = None
-    hyperparameters: dict[str, Any] | None = None
-    method: dict[str, Any] | None = None
-    seed: StrictInt | None = None
-    suffix: StrictStr | None = None
-    metadata: dict[StrictStr, StrictStr] | None = None
-    training: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = Field(default=None, description="Accepted as on job create; not planned.")
-    budget_bytes: Annotated[int, Field(gt=0)] | None = Field(
-        default=None, description="Memory to plan for; the largest visible GPU's free memory when omitted."
-    )
 
 
 class JobError(BaseModel):
@@ -155,6 +105,11 @@ class Progress(BaseModel):
     epoch: float | None
 
 
+# The job's columns that the API shows under their own names.
+_JOB_COLUMNS_AS_IS = ("id", "created_at", "finished_at", "model", "fine_tuned_model", "status", "method",
+                      "trained_tokens", "seed", "estimated_finish", "training", "attempt")
+
+
 class FineTuningJob(BaseModel):
     """openai.types.fine_tuning.FineTuningJob plus safetrain's training, memory, progress and attempt."""
 
@@ -186,43 +141,24 @@ class FineTuningJob(BaseModel):
     @classmethod
     def of(cls, job: Job) -> FineTuningJob:
         """The API view of a job row."""
-        return cls.model_validate(
-            dict(
-                id=job.id,
-                created_at=job.created_at,
-                finished_at=job.finished_at,
-                model=job.model,
-                fine_tuned_model=job.fine_tuned_model,
-                organization_id=job.project_id,
-                status=job.status,
-                error=JobError(**job.error) if job.error else None,
-                hyperparameters=Hyperparameters(**job.hyperparameters),
-                method=job.method,
-                training_file=job.training_file_id,
-                validation_file=job.validation_file_id,
-                result_files=list(job.result_files or []),
-                trained_tokens=job.trained_tokens,
-                seed=job.seed,
-                estimated_finish=job.estimated_finish,
-                metadata=job.metadata_,
-                integrations=[],
-                user_provided_suffix=job.suffix,
-                training=job.training,
-                memory=Memory(
-                    estimate_bytes=job.memory_estimate_bytes,
-                    peak_bytes=job.memory_peak_bytes,
-                    budget_bytes=job.memory_budget_bytes,
-                    device=job.memory_device,
-                ),
-                progress=Progress(
-                    step=job.progress_step, total_steps=job.progress_total_steps, epoch=job.progress_epoch
-                ),
-                attempt=job.attempt,
-            )
-        )
+        return cls.model_validate(dict(
+            {name: getattr(job, name) for name in _JOB_COLUMNS_AS_IS},
+            organization_id=job.project_id,
+            error=JobError(**job.error) if job.error else None,
+            hyperparameters=Hyperparameters(**job.hyperparameters),
+            training_file=job.training_file_id,
+            validation_file=job.validation_file_id,
+            result_files=list(job.result_files or []),
+            metadata=job.metadata_,
+            integrations=[],
+            user_provided_suffix=job.suffix,
+            memory=Memory(estimate_bytes=job.memory_estimate_bytes, peak_bytes=job.memory_peak_bytes,
+                          budget_bytes=job.memory_budget_bytes, device=job.memory_device),
+            progress=Progress(step=job.progress_step, total_steps=job.progress_total_steps, epoch=job.progress_epoch),
+        ))
 
 
-class FineTuningJobEvent(BaseModel):
+class FineTuningJobEvent(RowView):
     """openai.types.fine_tuning.FineTuningJobEvent."""
 
     id: str
@@ -232,20 +168,6 @@ class FineTuningJobEvent(BaseModel):
     message: str
     type: Literal["message", "metrics"]
     data: dict[str, Any] | None = None
-
-    @classmethod
-    def of(cls, row: JobEvent) -> FineTuningJobEvent:
-        """The API view of an event row."""
-        return cls.model_validate(
-            dict(
-                id=row.id,
-                created_at=row.created_at,
-                level=row.level,
-                message=row.message,
-                type=row.type,
-                data=row.data,
-            )
-        )
 
 
 class FineTuningJobCheckpoint(BaseModel):
@@ -277,7 +199,7 @@ def fine_tuned_model_name(job: Job, project: Project) -> str:
     return job.fine_tuned_model or f"ft:{job.model}:{job.suffix or project.name}:{job.id}"
 
 
-class TelemetrySampleOut(BaseModel):
+class TelemetrySampleOut(RowView):
     """One memory sample of a job."""
 
     object: Literal["fine_tuning.job.telemetry_sample"] = "fine_tuning.job.telemetry_sample"
@@ -286,11 +208,6 @@ class TelemetrySampleOut(BaseModel):
     attempt: int
     step: int | None
     sample: dict[str, Any]
-
-    @classmethod
-    def of(cls, row: TelemetrySample) -> TelemetrySampleOut:
-        """The API view of a telemetry row."""
-        return cls(seq=row.seq, created_at=row.created_at, attempt=row.attempt, step=row.step, sample=row.sample)
 
 
 class TelemetryList(BaseModel):

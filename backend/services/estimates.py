@@ -8,6 +8,7 @@ from backend.config import Settings
 from backend.devices import cpu_device, list_gpus
 from backend.services.base_models import resolve_base_model
 from backend.services.errors import InvalidRequest
+from backend.services.job_request import EstimateRequest
 from backend.services.training_request import resolve_training
 
 
@@ -17,31 +18,24 @@ def default_budget_bytes() -> int:
     return max(gpu.free_bytes for gpu in gpus) if gpus else cpu_device().free_bytes
 
 
-def estimate_job(
-    *,
-    settings: Settings,
-    model: str,
-    hyperparameters: Any = None,
-    method: Any = None,
-    training: Any = None,
-    seed: Any = None,
-    budget_bytes: int | None = None,
-) -> dict[str, Any]:
+def estimate_job(*, settings: Settings, spec: EstimateRequest) -> dict[str, Any]:
     """The plan as a dict: fits, estimate_bytes, budget_bytes, breakdown, recommendation."""
     from backend.training.memory import load_model_config, plan_memory
 
-    ref = resolve_base_model(model, settings=settings)
+    ref = resolve_base_model(spec.model, settings=settings)
     if ref.path is None:
         raise InvalidRequest(
             "Estimates need a local base model folder (Hub ids are planned by the worker).", param="model"
         )
-    resolved = resolve_training(hyperparameters=hyperparameters, method=method, training=training, seed=seed)
+    resolved = resolve_training(
+        hyperparameters=spec.hyperparameters, method=spec.method, training=spec.training, seed=spec.seed
+    )
     options = resolved.options.model_copy(update={"model": str(ref.path)})
     try:
         config = load_model_config(str(ref.path))
     except (OSError, ValueError, KeyError) as error:  # a folder transformers cannot read is the model's fault
         raise InvalidRequest(f"The config of model {ref.name!r} cannot be read: {error}", param="model") from None
-    plan = plan_memory(options, config, budget_bytes=budget_bytes or default_budget_bytes())
+    plan = plan_memory(options, config, budget_bytes=spec.budget_bytes or default_budget_bytes())
     answer: dict[str, Any] = plan.to_dict()
     answer.setdefault("object", "fine_tuning.estimate")
     answer["model"] = ref.name

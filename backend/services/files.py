@@ -13,7 +13,7 @@ from backend.db.models import TERMINAL_JOB_STATUSES, File, Job, Project, new_id
 from backend.services import storage
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
 from backend.services.eval_files import UploadValidator
-from backend.services.ids import looks_like_id
+from backend.services.lookup import project_row
 from backend.services.pagination import Page, keyset_page
 from backend.services.quotas import lock_project
 from backend.training.datasets import DatasetError
@@ -90,7 +90,7 @@ def start_upload(*, session: Session, settings: Settings, project: Project) -> P
 def finish_upload(
     *, session: Session, pending: PendingUpload, filename: str | None, purpose: str | None
 ) -> File:
-    """Check the end of the stream and the form fields, move the file into place and record it."""
+    """Check the end of the stream and the form fields, move the file into place, record it and commit."""
     try:
         if purpose not in UPLOAD_PURPOSES:
             raise InvalidRequest(
@@ -124,7 +124,7 @@ def finish_upload(
         n_examples=summary.n_examples,
     )
     session.add(row)
-    session.flush()
+    session.commit()
     return row
 
 
@@ -152,12 +152,8 @@ def store_file_from_path(
 
 def get_file(*, session: Session, project: Project, file_id: str) -> File:
     """The project's file, or NotFound (other projects' files included)."""
-    row = None
-    if looks_like_id(file_id):
-        row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
-    if row is None:
-        raise NotFound(f"No such file: {file_id[:100]}", param="file_id")
-    return row
+    missing = NotFound(f"No such file: {file_id[:100]}", param="file_id")
+    return project_row(session=session, model=File, row_id=file_id, project_id=project.id, missing=missing)
 
 
 def file_path(*, settings: Settings, row: File) -> Path:

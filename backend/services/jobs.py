@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -23,10 +22,11 @@ from backend.db.models import (
     TelemetrySample,
     now,
 )
-from backend.services import evaluations
+from backend.services import evaluation_options, evaluations
 from backend.services.base_models import resolve_base_model
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
-from backend.services.ids import looks_like_id
+from backend.services.job_request import JobCreateRequest
+from backend.services.lookup import project_row
 from backend.services.pagination import Page, keyset_page
 from backend.services.quotas import lock_project
 from backend.services.training_request import resolve_training
@@ -37,28 +37,9 @@ _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_METADATA_KEYS = 16
 
 
-@dataclass
-class JobSpec:
-    """What a client asked for when creating a job (already type-checked by the API schema)."""
-
-    model: str
-    training_file: str
-    validation_file: str | None = None
-    hyperparameters: dict[str, Any] | None = None
-    method: dict[str, Any] | None = None
-    training: dict[str, Any] | None = None
-    seed: int | None = None
-    suffix: str | None = None
-    metadata: dict[str, str] | None = None
-    evaluation: dict[str, Any] | None = None  # safetrain's: evaluate the adapter once training succeeds
-
-
 def _dataset_file(*, session: Session, project: Project, file_id: str, param: str) -> File:
-    row = None
-    if looks_like_id(file_id):
-        row = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
-    if row is None:
-        raise InvalidRequest(f"No such file: {file_id[:100]}", param=param, code="invalid_" + param)
+    missing = InvalidRequest(f"No such file: {file_id[:100]}", param=param, code="invalid_" + param)
+    row = project_row(session=session, model=File, row_id=file_id, project_id=project.id, missing=missing)
     if row.purpose != "fine-tune" or row.status != "processed":
         raise InvalidRequest(f"File {file_id} is not a processed fine-tune dataset.", param=param)
     return row
@@ -95,30 +76,34 @@ def add_event(*, session: Session, job: Job, message: str, level: str = "info") 
     session.add(JobEvent(job_id=job.id, attempt=job.attempt, level=level, type="message", message=message))
 
 
+def _check_datasets(*, session: Session, project: Project, spec: JobCreateRequest) -> None:
+    _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
+    if spec.validation_file is not None:
+        _dataset_file(session=session, project=project, file_id=spec.validation_file, param="validation_file")
+
+
 def create_job(
-    *, session: Session, settings: Settings, project: Project, spec: JobSpec, enqueue: Callable[[str], None]
+    *, session: Session, settings: Settings, project: Project, spec: JobCreateRequest, enqueue: Callable[[str], None]
 ) -> Job:
     """Validate the request, store the job as queued, commit, then `enqueue` its id (a send that fails is logged
     there, never raised: the row is committed and queued, so the reconciler sends it again)."""
+    if spec.integrations:
+        raise InvalidRequest("Integrations are not supported by safetrain.", param="integrations")
     model = resolve_base_model(spec.model, settings=settings)
     resolved = resolve_training(
         hyperparameters=spec.hyperparameters, method=spec.method, training=spec.training, seed=spec.seed
     )
-    _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
-    if spec.validation_file is not None:
-        _dataset_file(session=session, project=project, file_id=spec.validation_file, param="validation_file")
+    _check_datasets(session=session, project=project, spec=spec)
     if spec.suffix is not None and not _SUFFIX.fullmatch(spec.suffix):
         raise InvalidRequest("suffix must be 1 to 64 letters, digits, '-' or '_'.", param="suffix")
     _check_metadata(spec.metadata)
     evaluation = None
     if spec.evaluation is not None:
-        evaluation = evaluations.validate_request(session=session, project=project, body=spec.evaluation,
-                                                  prefix="evaluation.")
+        evaluation = evaluation_options.validate_request(session=session, project=project, body=spec.evaluation,
+                                                         prefix="evaluation.")
     _check_job_quota(session=session, settings=settings, project=project)  # locks the project until the commit
     # Under the lock, the datasets are still there: a delete that raced the checks above has either won or waits.
-    _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
-    if spec.validation_file is not None:
-        _dataset_file(session=session, project=project, file_id=spec.validation_file, param="validation_file")
+    _check_datasets(session=session, project=project, spec=spec)
     job = Job(
         project_id=project.id,
         model=model.name,
@@ -145,12 +130,8 @@ def create_job(
 
 def get_job(*, session: Session, project: Project, job_id: str) -> Job:
     """The project's job, or NotFound (other projects' jobs included)."""
-    job = None
-    if looks_like_id(job_id):
-        job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id))
-    if job is None:
-        raise NotFound(f"No such fine-tuning job: {job_id[:100]}", param="fine_tuning_job_id")
-    return job
+    missing = NotFound(f"No such fine-tuning job: {job_id[:100]}", param="fine_tuning_job_id")
+    return project_row(session=session, model=Job, row_id=job_id, project_id=project.id, missing=missing)
 
 
 def list_jobs(

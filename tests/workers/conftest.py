@@ -236,14 +236,14 @@ def make_project_and_file(settings: Settings, lines: list[dict[str, Any]] | None
 def create_job(settings: Settings, *, model: str = "tiny-gpt2", suffix: str | None = None,
                **training: Any) -> Job:
     """Create (commit, then enqueue) a job through the api helper's job service, as POST /v1/fine_tuning/jobs."""
-    from backend.services.jobs import JobSpec
+    from backend.services.job_request import JobCreateRequest
     from backend.services.jobs import create_job as service_create_job
     from backend.workers.dispatch import enqueue_job
 
     project, file_row = make_project_and_file(settings)
     fields = {"max_steps": 4, "logging_steps": 1, "max_seq_length": 64, "per_device_train_batch_size": 2,
               **training}
-    spec = JobSpec(model=model, training_file=file_row.id, training=fields, suffix=suffix)
+    spec = JobCreateRequest(model=model, training_file=file_row.id, training=fields, suffix=suffix)
     with session_scope() as session:
         project = session.merge(project)
         job = service_create_job(session=session, settings=settings, project=project, spec=spec, enqueue=enqueue_job)

@@ -7,8 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from backend.api.deps import BEARER, ProjectDep, SettingsDep
-from backend.api.schemas import EstimateRequest, error_responses
+from backend.api.schemas import error_responses
 from backend.services.estimates import estimate_job
+from backend.services.job_request import EstimateRequest
 
 router = APIRouter(
     prefix="/v1/fine_tuning", tags=["fine-tuning jobs"], dependencies=[BEARER],
@@ -19,12 +20,4 @@ router = APIRouter(
 @router.post("/estimate", summary="Plan a job's peak memory and the cheapest settings that fit")
 def estimate(body: EstimateRequest, settings: SettingsDep, project: ProjectDep) -> dict[str, Any]:
     """`{fits, estimate_bytes, budget_bytes, breakdown, recommendation}` from the model's config alone."""
-    return estimate_job(
-        settings=settings,
-        model=body.model,
-        hyperparameters=body.hyperparameters,
-        method=body.method,
-        training=body.training,
-        seed=body.seed,
-        budget_bytes=body.budget_bytes,
-    )
+    return estimate_job(settings=settings, spec=body)

@@ -128,7 +128,6 @@ async def upload_file(request: Request, session: SessionDep, settings: SettingsD
             filename=form.filename,
             purpose=form.fields.get("purpose"),
         )
-        await run_in_threadpool(session.commit)
     except BaseException as exc:
         try:
             earlier = await batches.settle()
@@ -192,5 +191,4 @@ def file_content(file_id: str, session: SessionDep, settings: SettingsDep, proje
 def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> FileDeleted:
     """Delete a file and its bytes; refused while an unfinished job uses it."""
     file_service.delete_file(session=session, settings=settings, project=project, file_id=file_id)
-    session.commit()
     return FileDeleted(id=file_id, deleted=True)

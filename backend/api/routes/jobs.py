@@ -16,7 +16,6 @@ from backend.api.schemas import (
     FineTuningJob,
     FineTuningJobCheckpoint,
     FineTuningJobEvent,
-    JobCreateRequest,
     ListResponse,
     TelemetryList,
     TelemetrySampleOut,
@@ -26,6 +25,7 @@ from backend.api.schemas import (
 from backend.db.models import TERMINAL_JOB_STATUSES, Job
 from backend.services import jobs as job_service
 from backend.services.errors import InvalidRequest
+from backend.services.job_request import JobCreateRequest
 from backend.workers.dispatch import enqueue_job
 
 router = APIRouter(
@@ -43,10 +43,7 @@ def create_job(
     body: JobCreateRequest, session: SessionDep, settings: SettingsDep, project: ProjectDep
 ) -> FineTuningJob:
     """Validate, store as queued, commit, then enqueue the job's id."""
-    if body.integrations:
-        raise InvalidRequest("Integrations are not supported by safetrain.", param="integrations")
-    spec = job_service.JobSpec(**body.model_dump(exclude={"integrations"}))
-    job = job_service.create_job(session=session, settings=settings, project=project, spec=spec, enqueue=enqueue_job)
+    job = job_service.create_job(session=session, settings=settings, project=project, spec=body, enqueue=enqueue_job)
     return FineTuningJob.of(job)
 
 

@@ -1,0 +1,308 @@
+"""The memory estimate: peak training memory from a model's config alone, term by term.
+
+Nothing here loads weights. Parameters are counted on the meta device; activations follow a per-layer
+count of the tensors autograd saves, in the spirit of Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models"), adapted to what transformers + peft + bitsandbytes keep:
+
+* weights: the compute dtype (fp32 unless --fp16/--bf16); a full fine-tune keeps fp32 master weights
+  (mixed precision adds the autocast half copies of the linear weights); 8/4-bit quantize every
+  nn.Linear/Conv1D except the output embedding (lm_head), and `prepare_model_for_kbit_training` casts
+  everything left (embeddings, norms, biases, lm_head) to fp32;
+* adapters, their gradients and AdamW states are fp32 (peft keeps adapters in fp32);
+* activations per token and layer: norm inputs, q/k/v, the attention output, the MLP intermediates
+  (gated MLPs keep four, GELU-tanh written in Python keeps five), dropout masks (float on the CPU, bytes
+  on CUDA), linear inputs only where the linear's weight is trained, LoRA's dropout output;
+  attention scores (b·heads·s²) only where attention is materialized (eager, or SDPA on the CPU with
+  attention dropout); the logits for the loss (fp32 log-softmax and its gradients), often the largest
+  term for small models; what one layer's backward adds (its widest gradients, k-bit weights dequantized).
+  bitsandbytes' 8-bit matmul keeps its input even for a frozen weight. Checkpointing keeps each layer's
+  input plus one recomputed layer (8-bit checkpoints reentrantly so that its matmuls' inputs are dropped too);
+* overhead: on a GPU the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation; on the CPU
+  the runtime's workspaces and the freed memory glibc keeps in its heap (about two layers' activations).
+
+Checked against the live tensors of real training steps (what torch.cuda.max_memory_allocated counts, measured
+on the CPU too: benchmarks/live_tensors.py, tests/training/test_memory_measured.py), against process peaks
+in benchmarks/plan_accuracy.py and benchmarks/checkpointing_memory.py, and against H200 runs of a 7B Llama.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from backend.training.model_shape import LinearLayer, ModelShape, lora_layers, lora_targets, model_shape
+from backend.training.options import TrainingOptions
+
+MIB = 1024**2
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = 500 * MIB
+# The CPU runtime grows by about this much on the first training step (oneDNN/MKL workspaces, lazily
+# loaded kernels, autograd bookkeeping): measured with a 2-layer, 64-wide model at 8 tokens.
+CPU_RUNTIME_BYTES = 24 * MIB
+# glibc keeps freed tensors below its (dynamically raised, up to 32 MiB) mmap threshold in its heap, so a
+# CPU process's resident set stays about two layers' activations above the live tensors; measured with
+# mallinfo2 against VmHWM on GPT-2 shapes at 256-512 tokens (benchmarks/plan_accuracy.py).
+CPU_HEAP_RETAINED_LAYERS = 2
+# cuBLAS handles are per thread: the forward runs on the caller's, the backward on autograd's device thread
+CUBLAS_HANDLES_IN_TRAINING = 2
+# The CUDA caching allocator's fragmentation, as a share of everything else.
+CUDA_ALLOCATOR_SLACK = 0.05
+NF4_BLOCK = 64
+NESTED_BLOCK = 256
+_PYTHON_GELUS = {"gelu_new": 3, "gelu_fast": 3, "gelu_python": 2, "quick_gelu": 1, "gelu_accurate": 3}
+# peft keeps adapter weights (and so the tensors it casts for them) in fp32
+ADAPTER_BYTES = 4
+# A k-bit model's residual stream is fp32: prepare_model_for_kbit_training casts embeddings and norms up
+KBIT_STREAM_BYTES = 4
+
+
+@dataclass
+class MemoryBreakdown:
+    """Peak memory by component, in bytes."""
+
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        """The sum of every component."""
+        return self.weights + self.adapters + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def to_dict(self) -> dict[str, int]:
+        """The components as a plain dict (bytes)."""
+        return asdict(self)
+
+
+@dataclass
+class MemoryPlan:
+    """An estimate against a budget, with the cheapest change that fits when it does not."""
+
+    breakdown: MemoryBreakdown
+    estimate_bytes: int
+    budget_bytes: int | None
+    fits: bool | None
+    device: str
+    n_parameters: int
+    trainable_parameters: int
+    activations_with_checkpointing: int
+    activations_without_checkpointing: int
+    recommendation: str | None = None
+    recommended_changes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (the API's estimate body uses it)."""
+        data = asdict(self)
+        data["breakdown"] = self.breakdown.to_dict()
+        return data
+
+
+def default_device() -> str:
+    """'cuda' where torch sees a GPU, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, device: str | None = None) -> MemoryPlan:
+    """The peak memory of training with these options, component by component (no budget)."""
+    device = device or default_device()
+    shape = model_shape(config)
+    adapted = lora_layers(shape, lora_targets(options, config)) if options.use_lora else []
+    lora_parameters = sum(options.lora_r * (layer.in_features + layer.out_features) for layer in adapted)
+    trainable = lora_parameters if options.use_lora else shape.n_parameters
+    with_checkpointing = activation_bytes(options, shape, adapted, device=device, checkpointing=True)
+    without_checkpointing = activation_bytes(options, shape, adapted, device=device, checkpointing=False)
+    activations = with_checkpointing if options.gradient_checkpointing else without_checkpointing
+    weights = weight_bytes(options, shape)
+    subtotal = weights + 4 * lora_parameters + 4 * trainable + 8 * trainable + activations
+    layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=_tokens(options))
+    breakdown = MemoryBreakdown(
+        weights=weights,
+        adapters=4 * lora_parameters,  # peft keeps adapter weights in fp32
+        gradients=4 * trainable,  # fp32, one per trainable parameter
+        optimizer=8 * trainable,  # AdamW: exp_avg and exp_avg_sq in fp32
+        activations=activations,
+        overhead=overhead_bytes(subtotal, device, layer_activations=layer),
+    )
+    return MemoryPlan(
+        breakdown=breakdown,
+        estimate_bytes=breakdown.total,
+        budget_bytes=None,
+        fits=None,
+        device=device,
+        n_parameters=shape.n_parameters,
+        trainable_parameters=trainable,
+        activations_with_checkpointing=with_checkpointing,
+        activations_without_checkpointing=without_checkpointing,
+    )
+
+
+def compute_bytes(options: TrainingOptions) -> int:
+    """Bytes per element of the compute dtype: 2 with --fp16/--bf16, else 4 (fp32)."""
+    return 2 if options.fp16 or options.bf16 else 4
+
+
+def weight_bytes(options: TrainingOptions, shape: ModelShape) -> int:
+    """The base model's weights at their bit width (adapters not included)."""
+    quantizable = shape.quantizable_parameters
+    rest = shape.n_parameters - quantizable
+    if options.use_4bit or options.use_8bit:
+        # prepare_model_for_kbit_training casts what is not quantized (embeddings, norms, lm_head) to fp32
+        return quantized_bytes(shape, bits=4 if options.use_4bit else 8) + 4 * rest
+    if options.use_lora:
+        return compute_bytes(options) * shape.n_parameters  # frozen base, loaded in the compute dtype
+    autocast_copies = 2 * quantizable if compute_bytes(options) == 2 else 0  # half copies of linear weights
+    return 4 * shape.n_parameters + autocast_copies  # fp32 master weights
+
+
+def quantized_bytes(shape: ModelShape, *, bits: int) -> int:
+    """Bytes of the quantized linear weights, scales included."""
+    layers = [layer for layer in shape.linears if layer.quantizable]
+    count = sum(layer.in_features * layer.out_features for layer in layers)
+    if bits == 8:
+        return count + 4 * sum(layer.out_features for layer in layers)  # int8 + one fp32 scale per row
+    blocks = math.ceil(count / NF4_BLOCK)
+    # NF4 packs two weights a byte; double quantization stores block scales in 8 bits, plus fp32 per 256 blocks
+    return count // 2 + blocks + 4 * math.ceil(blocks / NESTED_BLOCK)
+
+
+def activation_bytes(
+    options: TrainingOptions,
+    shape: ModelShape,
+    adapted: list[LinearLayer],
+    *,
+    device: str,
+    checkpointing: bool,
+) -> int:
+    """Peak activation memory for one micro-batch, with or without gradient checkpointing."""
+    element = compute_bytes(options)
+    tokens = _tokens(options)
+    layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=tokens)
+    outside_layers = tokens * shape.hidden * (element + 4 * 2)  # embedding output, final norm input and output
+    # logits, fp32 log-softmax, its gradient, the logits' gradient and the shifted-slice gradient
+    loss = tokens * shape.vocab * (2 * element + 12)
+    working = _backward_working_bytes(options, shape, device=device, tokens=tokens)
+    if checkpointing:
+        # each layer's input stays; 8-bit checkpoints reentrantly (modeling.py), so its matmuls' inputs go too
+        layer_inputs = shape.layers * tokens * shape.hidden * element
+        return layer_inputs + outside_layers + max(loss, layer + working)
+    return shape.layers * layer + outside_layers + max(loss, working)
+
+
+def _layer_activation_bytes(
+    options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer], *, device: str, tokens: int
+) -> int:
+    element = compute_bytes(options)
+    trained = not options.use_lora  # frozen linears do not keep their inputs
+    h, i = shape.hidden, shape.intermediate
+    mask = element if device == "cpu" else 1  # dropout keeps a float mask on the CPU, a byte mask on CUDA
+    norm_fp32 = (2 if shape.rms_norm and trained else 1) * 4  # norms run in fp32; RMSNorm keeps its normalized x
+    per_token = 2 * norm_fp32 * h
+    per_token += element * (h + 2 * shape.kv_dim + h)  # q, k, v and the attention output
+    per_token += element * 2 * h if trained else 0  # inputs of the qkv and MLP projections
+    if shape.gated_mlp:
+        per_token += element * (3 * i + (i if trained else 0))  # gate, act(gate), up; their product feeds down
+    else:
+        extra = _PYTHON_GELUS.get(shape.activation, 0)
+        per_token += element * (1 + extra + (1 if trained else 0)) * i
+    if shape.residual_dropout > 0:
+        per_token += 2 * mask * h
+    # the 8-bit matmuls keep their inputs; the attention output (o_proj's input) is counted above already
+    per_token += max(_int8_kept_input_bytes(options, shape) - KBIT_STREAM_BYTES * h, 0)
+    # LoRA casts its input to the adapter's fp32 before dropout: a float mask is fp32 whatever the compute dtype;
+    # lora_A keeps the dropout output (under autocast, its half copy), or the input without dropout
+    lora_mask = ADAPTER_BYTES if device == "cpu" else 1
+    kept = (lora_mask + element) if options.lora_dropout > 0 else element
+    lora = sum(kept * layer.in_features + element * options.lora_r for layer in adapted)
+    per_token += lora // max(shape.layers, 1)
+    scores = options.per_device_train_batch_size * shape.heads * options.max_seq_length**2
+    return tokens * per_token + scores * _score_bytes(options, shape, device=device)
+
+
+def _int8_kept_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
+    """Bytes per token of the inputs one layer's 8-bit matmuls keep for the backward (0 unless --use_8bit).
+
+    bitsandbytes' MatMul8bitLt (CUDA) and MatMul8bitFp (CPU) keep the input A on the autograd context even
+    when the weight is frozen (reentrant checkpointing drops the context; the non-reentrant kind could not);
+    q/k/v read one tensor, as do gate/up. The stream is fp32 in a k-bit model (prepare_model_for_kbit_training
+    casts the embeddings and norms to fp32). 4-bit matmuls keep no input.
+    """
+    if not options.use_8bit:
+        return 0
+    return KBIT_STREAM_BYTES * shape.quantized_inputs_per_layer
+
+
+def _tokens(options: TrainingOptions) -> int:
+    return options.per_device_train_batch_size * options.max_seq_length
+
+
+def _materialized_attention(shape: ModelShape, *, device: str) -> bool:
+    if shape.attn_implementation == "eager":
+        return True
+    # PyTorch's CPU flash kernel takes no dropout: SDPA then falls back to the math path
+    return shape.attn_implementation == "sdpa" and device == "cpu" and shape.attention_dropout > 0
+
+
+def _score_bytes(options: TrainingOptions, shape: ModelShape, *, device: str) -> int:
+    if not _materialized_attention(shape, device=device):
+        return 0
+    element = compute_bytes(options)
+    softmax = 4 if element == 4 else 4 + element  # softmax in fp32, cast back to the compute dtype
+    mask = element if device == "cpu" else 1
+    return softmax + (mask + element if shape.attention_dropout > 0 else 0)
+
+
+def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, device: str, tokens: int) -> int:
+    """What one layer's backward allocates on top of its saved activations.
+
+    The gradient arriving at the layer and the widest one inside it (the MLP's), a score-sized gradient
+    where attention is materialized, and for k-bit weights the largest weight bitsandbytes dequantizes to
+    fp32 for the input gradient. Measured as live tensors (benchmarks/live_tensors.py), this is all that
+    coexists with the layer's activations: the rest is freed as fast as the backward makes it.
+    """
+    element = compute_bytes(options)
+    gradients = tokens * element * (shape.hidden + shape.intermediate)
+    if _materialized_attention(shape, device=device):
+        gradients += options.per_device_train_batch_size * shape.heads * options.max_seq_length**2 * element
+    if options.use_8bit or options.use_4bit:
+        weights = [layer.in_features * layer.out_features for layer in shape.linears if layer.quantizable]
+        gradients += KBIT_STREAM_BYTES * max(weights, default=0)
+    return gradients
+
+
+def overhead_bytes(subtotal: int, device: str, *, layer_activations: int) -> int:
+    """CUDA context, cuBLAS workspaces and fragmentation (GPU), or runtime workspaces and retained heap (CPU)."""
+    if device.startswith("cuda"):
+        return CUDA_CONTEXT_BYTES + cublas_workspace_bytes() + int(CUDA_ALLOCATOR_SLACK * subtotal)
+    return CPU_RUNTIME_BYTES + CPU_HEAP_RETAINED_LAYERS * layer_activations
+
+
+def cublas_workspace_bytes() -> int:
+    """The cuBLAS workspaces training allocates through PyTorch's caching allocator.
+
+    PyTorch gives each (thread, stream) cuBLAS handle its own workspace, and training uses two threads: the
+    forward's and autograd's device thread. The size is CUBLAS_WORKSPACE_CONFIG's (":KiB:count" pairs), else
+    PyTorch's default: 32 MiB from Hopper (sm90) on, 8 MiB + 128 KiB before; no GPU here counts as Hopper.
+    """
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")
+    pairs = re.findall(r":(\d+):(\d+)", config)
+    if pairs:
+        per_handle = sum(int(kib) * 1024 * int(count) for kib, count in pairs)
+    elif _cuda_major_version() < 9:
+        per_handle = 8 * MIB + 128 * 1024
+    else:
+        per_handle = 32 * MIB
+    return CUBLAS_HANDLES_IN_TRAINING * per_handle
+
+
+def _cuda_major_version() -> int:
+    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
+

@@ -8,7 +8,8 @@ chunked one is `chunked_loss.fused_linear_cross_entropy` on the unshifted hidden
 
 Memory is the high-water mark of live tensors during forward + backward (`live_tensors.LiveTensorPeak`: what
 torch.cuda.max_memory_allocated would count; the weights and the hidden states exist before and are not
-counted). Time is the best of a few forward + backward runs outside the counting mode, one torch thread.
+counted). Time is the best of a few forward + backward runs outside the counting mode, plain and chunked interleaved,
+one torch thread.
 
     python benchmarks/chunked_loss_memory.py [--vocab 128256] [--hidden 256] [--batch 2] [--seq 1024]
 """
@@ -30,6 +31,7 @@ from backend.training.chunked_loss import (  # noqa: E402
     BYTES_PER_LOGIT,
     IGNORE_INDEX,
     chunk_tokens_for,
+    chunked_loss_bytes,
     fused_linear_cross_entropy,
     loss_backend_reason,
     select_loss_backend,
@@ -67,15 +69,13 @@ def live_peak(loss_of: Loss, hidden: torch.Tensor, weight: torch.Tensor, labels:
     return live.peak, value
 
 
-def best_seconds(loss_of: Loss, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> float:
-    """The fastest of REPEATS forward + backward runs."""
-    times = []
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        loss_of(hidden, weight, labels).backward()
-        times.append(time.perf_counter() - started)
-        hidden.grad = weight.grad = None
-    return min(times)
+def seconds(loss_of: Loss, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> float:
+    """One forward + backward, timed."""
+    started = time.perf_counter()
+    loss_of(hidden, weight, labels).backward()
+    elapsed = time.perf_counter() - started
+    hidden.grad = weight.grad = None
+    return elapsed
 
 
 def measure(head_trained: bool, args: argparse.Namespace) -> dict[str, float]:
@@ -87,8 +87,11 @@ def measure(head_trained: bool, args: argparse.Namespace) -> dict[str, float]:
     result: dict[str, float] = {}
     for name, loss_of in (("plain", plain_loss), ("chunked", chunked_loss)):
         result[f"{name}_peak"], result[f"{name}_loss"] = live_peak(loss_of, hidden, weight, labels)
-    for name, loss_of in (("plain", plain_loss), ("chunked", chunked_loss)):
-        result[f"{name}_seconds"] = best_seconds(loss_of, hidden, weight, labels)
+    times: dict[str, list[float]] = {"plain": [], "chunked": []}
+    for _ in range(REPEATS):  # interleaved, so a change in the shared machine's load falls on both alike
+        for name, loss_of in (("plain", plain_loss), ("chunked", chunked_loss)):
+            times[name].append(seconds(loss_of, hidden, weight, labels))
+    result.update({f"{name}_seconds": min(values) for name, values in times.items()})
     return result
 
 
@@ -98,10 +101,11 @@ def report_lines(results: dict[str, dict[str, float]], args: argparse.Namespace)
     lines = [
         f"- {args.batch} x {args.seq} tokens, vocabulary {args.vocab:,}, hidden {args.hidden}, fp32, "
         f"{torch.get_num_threads()} torch thread(s); backend {select_loss_backend('cpu')} "
-        f"({loss_backend_reason('cpu')}); {chunk} tokens a slice (default 128 MiB budget, "
+        f"({loss_backend_reason('cpu')}); {chunk} tokens a slice (default 128 MiB budget at "
         f"{BYTES_PER_LOGIT} bytes a logit)",
         f"- the plan's loss term today, tokens x V x (2 x 4 + 12): {tokens * args.vocab * 20 / MIB:,.0f} MiB; "
-        f"one slice's working set: {chunk * args.vocab * BYTES_PER_LOGIT / MIB:,.0f} MiB",
+        f"the chunked loss's term (`chunked_loss_bytes`): "
+        f"{chunked_loss_bytes(tokens, args.vocab, args.hidden) / MIB:,.0f} MiB",
     ]
     for setting, r in results.items():
         lines.append(

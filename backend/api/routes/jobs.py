@@ -22,6 +22,7 @@ from backend.api.schemas import (
     error_responses,
     list_response,
 )
+from backend.dashboard.queue import list_jobs_with_status, parse_statuses
 from backend.db.models import TERMINAL_JOB_STATUSES, Job
 from backend.services import jobs as job_service
 from backend.services.errors import InvalidRequest
@@ -60,12 +61,19 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 @router.get("", response_model=ListResponse[FineTuningJob], summary="List fine-tuning jobs")
 def list_jobs(
-    request: Request, session: SessionDep, project: ProjectDep, after: str | None = None, limit: Limit = 20
+    request: Request, session: SessionDep, project: ProjectDep, after: str | None = None, limit: Limit = 20,
+    status: Annotated[str | None, Query(description="Only jobs in these statuses: `queued`, `running,paused`.")] = None,
 ) -> dict[str, Any]:
     """The project's jobs, newest first; `metadata[k]=v` keeps those whose metadata holds the pair."""
-    page = job_service.list_jobs(
-        session=session, project=project, after=after, limit=limit, metadata=_metadata_filter(request)
-    )
+    if status is None:
+        page = job_service.list_jobs(
+            session=session, project=project, after=after, limit=limit, metadata=_metadata_filter(request)
+        )
+    else:
+        page = list_jobs_with_status(
+            session=session, project=project, statuses=parse_statuses(status), after=after, limit=limit,
+            metadata=_metadata_filter(request),
+        )
     release_connection(session)
     return list_response([FineTuningJob.of(job) for job in page.rows], has_more=page.has_more)
 

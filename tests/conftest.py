@@ -22,8 +22,8 @@ from backend.config import Settings, get_settings
 from backend.db.migrations import downgrade_to_base, upgrade_to_head
 from backend.db.models import Base
 from backend.db.session import make_engine
+from tests.support.databases import POSTGRES_URL
 
-POSTGRES_URL = os.environ.get("SAFETRAIN_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SAFETRAIN_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 # A GPT-2 shaped config small enough to plan instantly; the weights file only has to exist.

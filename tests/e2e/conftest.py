@@ -13,16 +13,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -31,36 +28,14 @@ from openai import OpenAI
 from safetensors.torch import save_file
 
 from backend.training.tiny_models import build_tokenizer, make_tiny_model
+from tests.support.models import HUGE_LLAMA
+from tests.support.network import free_port
+from tests.support.waiting import wait_for
 
 POSTGRES_ADMIN_URL = os.environ.get("SAFETRAIN_E2E_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SAFETRAIN_E2E_REDIS", "redis://127.0.0.1:6379/13")  # db 13: this suite's own
 START_TIMEOUT = 90.0
 CLI = [sys.executable, "-m", "backend.cli"]
-# A llama config of roughly 400B parameters: its plan cannot fit any machine these tests run on, and the
-# estimator reads only the config, so no weights are needed (or loaded) to fail early.
-HUGE_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
-    "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128,
-    "num_key_value_heads": 8, "vocab_size": 512, "max_position_embeddings": 512,
-    "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "bfloat16",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll until predicate() is truthy; return its value or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @dataclass

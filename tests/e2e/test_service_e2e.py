@@ -18,7 +18,8 @@ from openai import NotFoundError, OpenAI
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.e2e.conftest import Stack, wait_for
+from tests.e2e.conftest import Stack
+from tests.support.waiting import wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 JOB_TIMEOUT = 90.0

@@ -20,7 +20,8 @@ import pytest
 from openai import OpenAI
 
 from backend.evaluation.harness import pass_at_k
-from tests.e2e.conftest import Stack, start_embedded, wait_for
+from tests.e2e.conftest import Stack, start_embedded
+from tests.support.waiting import wait_for
 
 TASKS = [
     {"task_id": "live/add", "prompt": 'def add(a, b):\n    """Add two numbers."""\n',

@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ from backend.config import Settings, get_settings
 from backend.db.migrations import upgrade_to_head
 from backend.db.models import Checkpoint, Job, JobEvent
 from backend.db.session import make_engine, session_scope, set_engine
+from tests.support.data import TRAIN_LINES
+from tests.support.network import free_port
+from tests.support.waiting import wait_for
 
 POSTGRES_ADMIN_URL = os.environ.get("SAFETRAIN_RELIABILITY_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SAFETRAIN_RELIABILITY_REDIS", "redis://127.0.0.1:6379/12")  # db 12: this suite's own
@@ -48,28 +51,7 @@ REDIS_START = [
 HEARTBEAT_SECONDS = 1
 HEARTBEAT_EXPIRY_SECONDS = 8
 ARTIFACT_STORE_BYTES = 1 << 20
-TRAIN_LINES = [
-    {"prompt": f"Count from {n}:", "completion": " " + " ".join(str(n + k) for k in range(1, 6))} for n in range(16)
-]
 CHILD_MODULE = "backend.workers.jobs.child"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
-             logs: Callable[[], str] | None = None) -> Any:
-    """Poll until predicate() is truthy; return its value, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{logs()}" if logs else ""))
 
 
 class TcpProxy:

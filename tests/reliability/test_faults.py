@@ -36,8 +36,8 @@ from tests.reliability.conftest import (
     redis_down_then_up,
     trainer_starts,
     wait_finished,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 def _gone(pid: int) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from backend.training.checkpoints import COMPLETE_MARKER, read_trainer_state
 from backend.training.deepspeed_presets import accelerate_launch_command
 from backend.training.distributed import DEEPSPEED_STATE_DIR
+from tests.support.network import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS, RANKS, LORA_R = 4, 2, 8
@@ -40,12 +40,6 @@ class DeepSpeedRun:
         return read_trainer_state(self.output_dir / f"checkpoint-{STEPS}").recent_losses
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module", params=PRESETS)
 def deepspeed_run(
     request: pytest.FixtureRequest, tiny_llama: Path, learnable_data: Path, tmp_path_factory: pytest.TempPathFactory
@@ -60,7 +54,7 @@ def deepspeed_run(
         "--save_steps", str(STEPS // 2), "--logging_steps", "1", "--seed", "7", "--deepspeed", preset,
     ]
     command = accelerate_launch_command(preset, flags, RANKS, config_dir=work)
-    command[2:2] = ["--main_process_port", str(_free_port()), "--dynamo_backend", "no"]  # beside other tests' runs
+    command[2:2] = ["--main_process_port", str(free_port()), "--dynamo_backend", "no"]  # beside other tests' runs
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",  # DeepSpeed's CPU accelerator: gloo without oneCCL

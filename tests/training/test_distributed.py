@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from backend.training.distributed import Ranks as Processes
 from backend.training.distributed import shard
 from backend.training.options import TrainingOptions
 from backend.training.trainer import run_training
+from tests.support.network import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -71,12 +71,6 @@ class Launch:
         return [json.loads(line) for line in lines]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _training_flags(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
         "--model", str(model), "--data", str(data), "--output_dir", str(output_dir),
@@ -105,7 +99,7 @@ def _launch(work: Path, flags: list[str], output_dir: Path, **extra_env: str) ->
     # processes through MPI.
     command = [
         str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(RANKS), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(driver), *flags,
     ]
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)

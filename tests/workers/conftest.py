@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,23 +32,14 @@ from backend.db.migrations import upgrade_to_head
 from backend.db.models import File, Job, JobEvent, Project
 from backend.db.session import make_engine, session_scope, set_engine
 from backend.services.storage import hash_file
+from tests.support.data import TRAIN_LINES
+from tests.support.databases import POSTGRES_URL
+from tests.support.models import HUGE_LLAMA
 
 RowT = TypeVar("RowT")
-POSTGRES_URL = os.environ.get("SAFETRAIN_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 WORKER_REDIS_URL = os.environ.get("SAFETRAIN_TEST_WORKER_REDIS", "redis://127.0.0.1:6379/14")
 HEARTBEAT_SECONDS = 1
 HEARTBEAT_EXPIRY_SECONDS = 6
-# A llama config of about 400B parameters: no plan fits it on any machine these tests run on. The
-# estimator reads only the config, so an empty weights file is all the folder needs.
-HUGE_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
-    "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128,
-    "num_key_value_heads": 8, "vocab_size": 512, "max_position_embeddings": 512,
-    "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "bfloat16",
-}
-TRAIN_LINES = [
-    {"prompt": f"Count from {n}:", "completion": " " + " ".join(str(n + k) for k in range(1, 6))} for n in range(16)
-]
 
 
 @dataclass
@@ -178,19 +168,6 @@ def _stop(worker: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, stack: WorkerStack | None = None,
-             interval: float = 0.25) -> Any:
-    """Poll until predicate() is truthy; return its value, or fail naming `what` (with the worker's log)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    detail = f"\n--- worker log ---\n{stack.log_tail()}" if stack is not None else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
 
 
 def load_row(model: type[RowT], row_id: str) -> RowT:

@@ -19,7 +19,8 @@ from backend.services import job_runs
 from backend.training.checkpoints import checkpoint_step, latest_complete_checkpoint
 from backend.workers.celery_app import QUEUE
 from backend.workers.reconciler import reconcile_once
-from tests.workers.conftest import RECONCILER_REDIS_URL, WorkerStack, create_job, job_events, wait_for
+from tests.support.waiting import wait_for
+from tests.workers.conftest import RECONCILER_REDIS_URL, WorkerStack, create_job, job_events
 from tests.workers.jobs.test_task import (
     _checkpoints,
     _gone,

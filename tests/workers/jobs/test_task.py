@@ -18,7 +18,8 @@ from backend.db.session import session_scope
 from backend.services import job_runs
 from backend.services.jobs import cancel_job, pause_job, resume_job
 from backend.workers.dispatch import enqueue_job
-from tests.workers.conftest import WorkerStack, create_job, job_events, job_status, load_job, wait_for
+from tests.support.waiting import wait_for
+from tests.workers.conftest import WorkerStack, create_job, job_events, job_status, load_job
 
 JOB_TIMEOUT = 120.0
 both = pytest.mark.parametrize("stack", ["postgresql", "sqlite"], indirect=True)

@@ -1,0 +1,1 @@
+"""Helpers the test suites share: waiting, ports, databases, models and data."""

@@ -18,6 +18,7 @@ from backend.db.models import (
     File,
     Job,
     JobEvent,
+    JobStatus,
     Project,
     TelemetrySample,
     now,
@@ -109,7 +110,7 @@ def create_job(
         model=model.name,
         training_file_id=spec.training_file,
         validation_file_id=spec.validation_file,
-        status="queued",
+        status=JobStatus.QUEUED,
         hyperparameters=resolved.hyperparameters,
         method=resolved.method,
         training=resolved.training,
@@ -167,12 +168,12 @@ def cancel_job(*, session: Session, job: Job) -> Job:
     """Cancel: a queued or paused job at once; a running one cooperatively (the worker stops it)."""
     for _ in range(3):
         _refuse_finished(job, "cancel")
-        if job.status in ("queued", "paused"):
+        if job.status in (JobStatus.QUEUED, JobStatus.PAUSED):
             done = _transition(
                 session=session,
                 job=job,
                 from_status=job.status,
-                status="cancelled",
+                status=JobStatus.CANCELLED,
                 finished_at=now(),
                 requested_action=None,
             )
@@ -191,10 +192,10 @@ def pause_job(*, session: Session, job: Job) -> Job:
     """Pause: a running job checkpoints and stops (the worker does it); a queued one waits as paused."""
     for _ in range(3):
         _refuse_finished(job, "pause")
-        if job.status == "paused" or job.requested_action == "pause":
+        if job.status == JobStatus.PAUSED or job.requested_action == "pause":
             return job
-        if job.status == "queued":
-            done = _transition(session=session, job=job, from_status="queued", status="paused")
+        if job.status == JobStatus.QUEUED:
+            done = _transition(session=session, job=job, from_status=JobStatus.QUEUED, status=JobStatus.PAUSED)
         elif job.requested_action == "cancel":
             raise InvalidRequest(f"Job {job.id} is being cancelled.", param="fine_tuning_job_id")
         else:
@@ -210,7 +211,7 @@ def resume_job(
     *, session: Session, settings: Settings, project: Project, job: Job, enqueue: Callable[[str], None]
 ) -> Job:
     """Resume a paused job: back to queued (the worker continues from the last checkpoint), then `enqueue` it."""
-    if job.status != "paused":
+    if job.status != JobStatus.PAUSED:
         if job.requested_action == "pause" and job.status not in TERMINAL_JOB_STATUSES:
             _transition(session=session, job=job, from_status=job.status, requested_action=None)
             session.commit()
@@ -219,7 +220,8 @@ def resume_job(
             f"Only paused jobs can be resumed; job {job.id} is {job.status}.", param="fine_tuning_job_id"
         )
     _check_job_quota(session=session, settings=settings, project=project)
-    if not _transition(session=session, job=job, from_status="paused", status="queued", requested_action=None):
+    if not _transition(session=session, job=job, from_status=JobStatus.PAUSED, status=JobStatus.QUEUED,
+                       requested_action=None):
         raise InvalidRequest(f"Job {job.id} changed state while resuming; try again.", param="fine_tuning_job_id")
     add_event(session=session, job=job, message="Job resumed")
     session.commit()

@@ -113,9 +113,8 @@ def _train_with_healing(setup: TrainingSetup) -> TrainResult:
         # activations) unreachable, so this is where their memory can really be given back.
         setup.ranks.free_memory()
         free_memory()
-        failure = deepspeed_cannot_resplit(
-            setup.healing, fault, setup.options, deepspeed=setup.ranks.deepspeed
-        ) or setup.healing.recover(fault, setup.options, setup.report)
+        refusal = deepspeed_cannot_resplit(setup.healing, fault, setup.options, deepspeed=setup.ranks.deepspeed)
+        failure = refusal or setup.healing.recover(fault, setup.options, setup.report)
         if failure is not None:
             return _failed(setup.options, fault.kind, failure, setup.report)
 
@@ -246,22 +245,7 @@ def _optimizer_step(attempt: Attempt, examples: list[TokenizedExample]) -> tuple
     ranks = attempt.setup.ranks
     attempt.setup.healing.step_in_progress = step
     maybe_inject_oom(attempt.setup.healing, attempt.setup.options, step)
-    # The loss is summed over tokens and divided by the step's trained tokens (on all ranks), so it does not
-    # depend on how the step is split into micro-batches or ranks: an OOM recovery that halves the
-    # micro-batch trains the same, and N ranks train as one process with N times the batch.
-    label_tokens = max(1, sum(_trained_tokens(example) for example in examples))
-    micro_losses: list[torch.Tensor] = []
-    input_tokens = 0
-    micro_batches = _rank_micro_batches(attempt, examples)
-    for index, (micro_batch, counts) in enumerate(micro_batches):
-        with ranks.gradient_sync(attempt.forward_model, sync=index == len(micro_batches) - 1):
-            batch = collate(micro_batch, attempt.setup.data.pad_token_id)
-            input_tokens += int(batch["attention_mask"].sum()) if counts else 0
-            loss = _summed_loss(attempt, batch) / label_tokens
-            loss = maybe_inject_nan(attempt.setup.healing, attempt.setup.options, step, loss if counts else loss * 0.0)
-            _backward(attempt, loss)
-            micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
-            del loss, batch  # the graph is gone after backward; drop the inputs before the next forward
+    micro_losses, input_tokens = _accumulate_gradients(attempt, examples, step)
     grad_norm_tensor = _clip_gradients(attempt)
     # One device sync per step, for the loss and the gradient norm together.
     step_loss = torch.stack([value.to(grad_norm_tensor.device) for value in micro_losses]).sum()
@@ -279,6 +263,29 @@ def _optimizer_step(attempt: Attempt, examples: list[TokenizedExample]) -> tuple
     attempt.scheduler.step()
     attempt.optimizer.zero_grad(set_to_none=True)  # None, not zeros: gradient memory is freed between steps
     return loss_value, input_tokens
+
+
+def _accumulate_gradients(
+    attempt: Attempt, examples: list[TokenizedExample], step: int
+) -> tuple[list[torch.Tensor], int]:
+    """Forward and backward of this rank's micro-batches of one step; their losses (on the device) and input tokens."""
+    # The loss is summed over tokens and divided by the step's trained tokens (on all ranks), so it does not
+    # depend on how the step is split into micro-batches or ranks: an OOM recovery that halves the
+    # micro-batch trains the same, and N ranks train as one process with N times the batch.
+    label_tokens = max(1, sum(_trained_tokens(example) for example in examples))
+    micro_losses: list[torch.Tensor] = []
+    input_tokens = 0
+    micro_batches = _rank_micro_batches(attempt, examples)
+    for index, (micro_batch, counts) in enumerate(micro_batches):
+        with attempt.setup.ranks.gradient_sync(attempt.forward_model, sync=index == len(micro_batches) - 1):
+            batch = collate(micro_batch, attempt.setup.data.pad_token_id)
+            input_tokens += int(batch["attention_mask"].sum()) if counts else 0
+            loss = _summed_loss(attempt, batch) / label_tokens
+            loss = maybe_inject_nan(attempt.setup.healing, attempt.setup.options, step, loss if counts else loss * 0.0)
+            _backward(attempt, loss)
+            micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
+            del loss, batch  # the graph is gone after backward; drop the inputs before the next forward
+    return micro_losses, input_tokens
 
 
 def _rank_micro_batches(

@@ -10,7 +10,7 @@ const H = 260;
 const M = { left: 62, right: 14, top: 12, bottom: 28 };
 const PLOT_W = W - M.left - M.right;
 const PLOT_H = H - M.top - M.bottom;
-const MAX_TABLE_ROWS = 2000;
+const MAX_TABLE_ROWS = 1000;
 
 function niceStep(span, count) {
   const raw = span / Math.max(1, count);

@@ -187,7 +187,8 @@ export function renderJob(root, signal, jobId) {
 
   function onEvents(batch) {
     const lines = [];
-    for (const event of batch) {
+    const firstShown = batch.length - LOG_LINES;
+    for (const [index, event] of batch.entries()) {
       state.eventCount += 1;
       const data = event.data || {};
       if (event.type === "metrics") {
@@ -200,11 +201,12 @@ export function renderJob(root, signal, jobId) {
       } else if (/checkpoint/i.test(event.message)) {
         loadCheckpoints();
       }
+      if (index < firstShown) continue;  // only the latest lines are kept on the page
       lines.push(h("li", { class: event.level },
         h("time", { datetime: new Date(event.created_at * 1000).toISOString(), text: new Date(event.created_at * 1000).toLocaleTimeString() }),
         event.message));
     }
-    log.append(...lines.slice(-LOG_LINES));
+    log.append(...lines);
     while (log.childElementCount > LOG_LINES) log.firstElementChild.remove();
     logInfo.textContent = state.eventCount > LOG_LINES ? `The latest ${LOG_LINES} of ${number(state.eventCount)} events.` : `${number(state.eventCount)} events.`;
     const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 60;

@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from openai import OpenAI
 
 from backend.config import Settings
 from tests.api.conftest import GOOD_CHAT, bearer
+from tests.support.network import served
 
 
 @pytest.fixture
 def base_url(app: FastAPI) -> Iterator[str]:
     """The app served by uvicorn on a free local port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(app, lifespan="on") as url:
+        yield url
 
 
 def test_sdk_session_over_http(base_url: str, key_a: str, key_b: str, settings: Settings) -> None:
@@ -99,26 +85,16 @@ def test_concurrent_polls_never_starve_a_small_connection_pool(settings: Setting
     job_id = sdk.fine_tuning.jobs.create(model="tiny-gpt2", training_file=str(upload(key_a)["id"])).id
     engine = create_engine(settings.database_url, pool_size=2, max_overflow=0, pool_timeout=5)
     app = create_app(settings, engine=engine)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
 
-    async def poll_all() -> list[int]:
+    async def poll_all(base_url: str) -> list[int]:
         limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=bearer(key_a), limits=limits,
-                                     timeout=30) as client:
+        async with httpx.AsyncClient(base_url=base_url, headers=bearer(key_a), limits=limits, timeout=30) as client:
             paths = [f"/v1/fine_tuning/jobs/{job_id}", f"/v1/fine_tuning/jobs/{job_id}/events", "/v1/files"] * 20
             responses = await asyncio.gather(*(client.get(path) for path in paths))
             return [response.status_code for response in responses]
 
     try:
-        assert asyncio.run(poll_all()) == [200] * 60
+        with served(app) as base_url:
+            assert asyncio.run(poll_all(base_url)) == [200] * 60
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.dispose()

@@ -5,15 +5,11 @@ attack can assert that nothing changed and that the service still answers afterw
 from __future__ import annotations
 
 import hashlib
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
@@ -22,6 +18,7 @@ from sqlalchemy.orm import Session
 from backend.config import Settings
 from backend.db.models import Base, File
 from tests.api.conftest import GOOD_CHAT, app, bearer, client, key_a, key_b, make_key, upload
+from tests.support.network import served
 
 # The API suite's fixtures (the app, a client, two projects' keys, an uploader), shared rather than copied.
 __all__ = ["GOOD_CHAT", "app", "bearer", "client", "key_a", "key_b", "make_key", "upload"]
@@ -142,16 +139,5 @@ def seed_objects(client: TestClient, key: str, session: Session, *, status: str 
 @pytest.fixture
 def live_url(app: FastAPI) -> Iterator[str]:
     """The app under uvicorn on a free local port (requests in flight at once, as real clients send them)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(app) as url:
+        yield url

@@ -22,14 +22,13 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-if TYPE_CHECKING:
-    from backend.training.distributed import Ranks
+from backend.training.distributed import Ranks
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-checkpoint-"
@@ -118,28 +117,6 @@ def read_trainer_state(path: Path) -> TrainerState:
     return TrainerState.from_dict(json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8")))
 
 
-def save_checkpoint_on_ranks(
-    output_dir: str | Path,
-    *,
-    ranks: Ranks,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: TrainerState,
-    save_total_limit: int,
-) -> Path:
-    """Every rank calls this, and none returns before the checkpoint is complete: under DeepSpeed each rank writes
-    its shard, otherwise the main rank writes the one copy (DDP keeps identical states on every rank)."""
-    if ranks.deepspeed:
-        return save_sharded_checkpoint(output_dir, ranks=ranks, state=state, save_total_limit=save_total_limit)
-    path = Path(output_dir) / f"{CHECKPOINT_PREFIX}{state.step}"
-    if ranks.is_main:
-        path = save_checkpoint(output_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                               save_total_limit=save_total_limit)
-    ranks.barrier()  # no rank goes on, or rolls back to it, before the checkpoint is complete
-    return path
-
-
 def save_checkpoint(
     output_dir: str | Path,
     *,
@@ -148,14 +125,25 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainerState,
     save_total_limit: int,
+    ranks: Ranks | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>` atomically, then keep only the newest `save_total_limit`; return its path."""
-    temporary, final = _fresh_temporary_folder(Path(output_dir), state.step)
-    model.save_pretrained(temporary)  # type: ignore[operator]  # safetensors: PEFT and transformers 5 default
-    torch.save(optimizer.state_dict(), temporary / OPTIMIZER_FILE)
-    torch.save(scheduler.state_dict(), temporary / SCHEDULER_FILE)
-    torch.save(_rng_states(), temporary / RNG_FILE)
-    _complete_and_rename(temporary, final, state, save_total_limit=save_total_limit)
+    """Write `checkpoint-<step>` atomically, then keep only the newest `save_total_limit`; return its path.
+
+    Across `ranks` every rank calls this, and none returns before the checkpoint is complete: under DeepSpeed
+    each rank writes its shard, otherwise the main rank writes the one copy (DDP keeps identical states).
+    """
+    ranks = ranks or Ranks()
+    if ranks.deepspeed:
+        return save_sharded_checkpoint(output_dir, ranks=ranks, state=state, save_total_limit=save_total_limit)
+    temporary, final = _checkpoint_paths(Path(output_dir), state.step)
+    if ranks.is_main:
+        _fresh_temporary_folder(temporary)
+        model.save_pretrained(temporary)  # type: ignore[operator]  # safetensors: PEFT and transformers 5 default
+        torch.save(optimizer.state_dict(), temporary / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), temporary / SCHEDULER_FILE)
+        torch.save(_rng_states(), temporary / RNG_FILE)
+        _complete_and_rename(temporary, final, state, save_total_limit=save_total_limit)
+    ranks.barrier()  # no rank goes on, or rolls back to it, before the checkpoint is complete
     return final
 
 
@@ -168,7 +156,7 @@ def save_sharded_checkpoint(
     """
     temporary, final = _checkpoint_paths(Path(output_dir), state.step)
     if ranks.is_main:
-        _fresh_temporary_folder(Path(output_dir), state.step)
+        _fresh_temporary_folder(temporary)
     ranks.barrier()  # no rank writes its shard before the folder is there
     ranks.save_sharded_state(temporary)
     ranks.barrier()  # every shard is written before the main rank completes the folder
@@ -183,13 +171,11 @@ def _checkpoint_paths(root: Path, step: int) -> tuple[Path, Path]:
     return root / f"{TEMP_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}"
 
 
-def _fresh_temporary_folder(root: Path, step: int) -> tuple[Path, Path]:
-    """An empty temporary folder for `step` (a leftover of a crash mid-write is deleted), and the final path."""
-    temporary, final = _checkpoint_paths(root, step)
-    root.mkdir(parents=True, exist_ok=True)
+def _fresh_temporary_folder(temporary: Path) -> None:
+    """An empty temporary folder (what a crash mid-write left there is deleted first)."""
+    temporary.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    return temporary, final
 
 
 def _complete_and_rename(temporary: Path, final: Path, state: TrainerState, *, save_total_limit: int) -> None:

@@ -32,7 +32,7 @@ from backend.training.checkpoints import (
     TrainerState,
     load_checkpoint,
     read_trainer_state,
-    save_checkpoint_on_ranks,
+    save_checkpoint,
 )
 from backend.training.datasets import IGNORE_INDEX, DatasetError, TokenizedExample, collate
 from backend.training.distributed import launched_rank, shard, start_ranks
@@ -357,9 +357,9 @@ def _save(attempt: Attempt) -> Path:
         metrics["eval_loss"] = _validation_loss(attempt)
         setup.report.message(f"step {state.step}: validation loss {metrics['eval_loss']:.4f}")
     state.metrics = metrics
-    path = save_checkpoint_on_ranks(
-        setup.options.output_dir, ranks=setup.ranks, model=attempt.model, optimizer=attempt.optimizer,
-        scheduler=attempt.scheduler, state=state, save_total_limit=setup.options.save_total_limit,
+    path = save_checkpoint(
+        setup.options.output_dir, model=attempt.model, optimizer=attempt.optimizer, scheduler=attempt.scheduler,
+        state=state, save_total_limit=setup.options.save_total_limit, ranks=setup.ranks,
     )
     setup.healing.resume_from = path
     attempt.saved_step = state.step

@@ -42,9 +42,11 @@ _REFUSALS = {
 
 
 class EvaluationOptions(BaseModel):
-    """A validated evaluation request; fields in the order they are checked (the first refusal is reported)."""
+    """The `evaluation` object: POST /v1/fine_tuning/jobs/{id}/evaluations's body, or `evaluation` on job create."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields in the order they are checked: a request's first refusal is the one reported.
 
     file: Annotated[StrictStr, Field(min_length=1)] = Field(
         description="A file with purpose evals (HumanEval-shaped JSONL) of the same project."

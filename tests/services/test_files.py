@@ -6,9 +6,11 @@ import hashlib
 import tracemalloc
 
 import pytest
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from backend.config import Settings
+from backend.db.models import File
 from backend.services import files as file_service
 from backend.services.errors import InvalidRequest, TooLarge
 from backend.services.keys import get_or_create_project
@@ -50,3 +52,17 @@ def test_refusals_leave_nothing_on_disk(session: Session, settings: Settings) ->
     with pytest.raises(InvalidRequest):
         file_service.finish_upload(session=session, pending=wrong_purpose, filename="x", purpose="batch")
     assert list((settings.data_dir / "files").iterdir()) == []
+
+
+def test_the_service_commits_what_it_records_and_deletes(session: Session, db_engine: Engine, settings: Settings
+                                                         ) -> None:
+    project = get_or_create_project(session=session, name="p")
+    pending = file_service.start_upload(session=session, settings=settings, project=project)
+    pending.write(LINE)
+    row = file_service.finish_upload(session=session, pending=pending, filename="one.jsonl", purpose="fine-tune")
+    with Session(db_engine) as other:  # another connection sees only what was committed
+        assert other.scalar(select(File.n_examples).where(File.id == row.id)) == 1
+    file_service.delete_file(session=session, settings=settings, project=project, file_id=row.id)
+    with Session(db_engine) as other:
+        assert other.scalar(select(File.id).where(File.id == row.id)) is None
+    assert not (settings.data_dir / row.path).exists()

@@ -160,6 +160,8 @@ def test_new_job_from_a_dropped_file_succeeds_with_charts_of_its_real_metrics(
     drop_file(page, "training", "count.jsonl", training_file.read_text())
     expect(page.locator(".notice.ok")).to_contain_text("16 examples")
     expect(page.get_by_label("Training file preview")).to_contain_text("Count from 0:")
+    drop_file(page, "validation", "held-out.jsonl", training_file.read_text())
+    expect(page.locator(".notice.ok", has_text="held-out.jsonl")).to_be_visible()
     page.get_by_label("Model").select_option("huge-llama")  # a 400B config: its plan fits nowhere
     expect(page.get_by_text("does not fit", exact=True)).to_be_visible(timeout=60_000)  # the first plan imports torch
     page.get_by_label("Model").select_option("tiny-gpt2")
@@ -192,6 +194,10 @@ def test_new_job_from_a_dropped_file_succeeds_with_charts_of_its_real_metrics(
     expect(page.get_by_role("img", name="Memory", exact=True).locator("path[data-label='RSS']")).to_have_attribute(
         "data-points", str(len(rss)))
     assert chart_points(page, "Memory", "RSS", len(rss)) == rss
+    checkpoints = dashboard.api("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")["data"]
+    validation = sorted((float(c["step_number"]), float(c["metrics"]["eval_loss"])) for c in checkpoints)
+    assert [step for step, _ in validation] == [2.0, 4.0]
+    assert chart_points(page, "Loss", "validation loss", 2) == validation
     expect(page.locator(".chart .summary").first).to_contain_text("at step 4")
     expect(page.get_by_text("ckpt-step-4")).to_be_visible()
 

@@ -5,7 +5,7 @@ import { lineChart } from "../chart.js";
 import { badge, checkbox, errorNotice, field, fill, h } from "../dom.js";
 import { ago, number, optionValue } from "../format.js";
 
-const MAX_JOBS = 6;
+const MAX_JOBS = 4;  // each live job holds a stream open, and a browser has 6 connections per server
 
 export function renderCompare(root, signal, params) {
   const ids = (params.get("ids") || "").split(",").filter(Boolean).slice(0, MAX_JOBS);

@@ -68,7 +68,7 @@ export function renderJob(root, signal, jobId) {
       h("div", { class: "actions" }, pause, resume, cancel, download)),
     message, errorSlot,
     h("div", { class: "stack" },
-      h("div", { class: "panel" }, h("div", { class: "progress", role: "progressbar", "aria-label": "Training progress" }, progressBar), progressText),
+      h("div", { class: "panel" }, h("div", { class: "progress", role: "progressbar", "aria-label": "Training progress", "aria-valuemin": 0, "aria-valuemax": 100 }, progressBar), progressText),
       h("div", { class: "grid" },
         h("section", { class: "panel" }, h("h2", { text: "Overview" }), overview),
         h("section", { class: "panel" }, h("h2", { text: "Memory plan" }), planSlot)),

@@ -121,8 +121,10 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def new_page(browser: Browser, dashboard: Dashboard) -> Iterator[Callable[..., Page]]:
-    """Pages in fresh browser contexts, signed in with `key` (the first project's by default) unless None."""
+    """Pages in fresh browser contexts, signed in with `key` (the first project's by default) unless None; the test
+    fails if a script of the page threw."""
     contexts: list[BrowserContext] = []
+    errors: list[str] = []
 
     def make(key: str | None = "", width: int = 1440, height: int = 1000) -> Page:
         context = browser.new_context(viewport={"width": width, "height": height})
@@ -132,11 +134,10 @@ def new_page(browser: Browser, dashboard: Dashboard) -> Iterator[Callable[..., P
             context.add_init_script(f"localStorage.setItem('safetrain.apiKey', {stored});")
         page = context.new_page()
         page.set_default_timeout(20_000)
-        errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
-        page.errors = errors  # type: ignore[attr-defined]
         return page
 
     yield make
     for context in contexts:
         context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"

@@ -1,4 +1,4 @@
-"""The `safetrain` command: up, api, worker, keys, models, migrate, train."""
+"""The `safetrain` command: up, api, worker, serve, keys, models, migrate, train."""
 
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from backend.inference.server import serve
+
+    serve(host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from backend.workers.embedded import run_embedded
 
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run one Celery training worker")
     worker.add_argument("--concurrency", type=int, default=1, help="training processes (one per GPU)")
     worker.set_defaults(func=_cmd_worker)
+
+    serve = commands.add_parser("serve", help="run the embedded inference engine alone (what the API proxies to)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default SAFETRAIN_INFERENCE_PORT (8001)")
+    serve.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default SAFETRAIN_INFERENCE_DEVICE)")
+    serve.set_defaults(func=_cmd_serve)
 
     commands.add_parser("migrate", help="bring the database schema to the latest version").set_defaults(
         func=_cmd_migrate

@@ -41,6 +41,21 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(
         default=50 * 1024**3, ge=1, description="Default per-project cap on stored file bytes."
     )
+    inference_url: str = Field(
+        default="", description="The engine /v1/chat/completions proxies to (vLLM in production); the embedded one "
+        "on 127.0.0.1:<inference_port> when empty."
+    )
+    inference_port: int = Field(default=8001, gt=0, lt=65536, description="Port of `safetrain serve`.")
+    inference_device: str = Field(default="auto", description="Where the embedded engine runs: auto, cpu, cuda:N.")
+    inference_max_tokens: int = Field(default=1024, ge=1, description="Largest max_tokens a request may ask for.")
+    inference_max_n: int = Field(default=8, ge=1, description="Most choices (n) a request may ask for.")
+    inference_queue_size: int = Field(
+        default=8, ge=1, description="Requests the embedded engine holds (running or waiting); 429 past it."
+    )
+    inference_adapter_cache: int = Field(default=8, ge=1, description="Adapters the embedded engine keeps loaded.")
+    inference_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="How long the API waits on the engine for one answer."
+    )
     environment: Literal["development", "production"] = Field(
         default="development", description="production refuses defaults."
     )
@@ -80,6 +95,11 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         """The broker URL (the embedded default already filled in)."""
         return self.broker_url
+
+    @property
+    def resolved_inference_url(self) -> str:
+        """The engine's base URL (no trailing /v1): SAFETRAIN_INFERENCE_URL, else the embedded engine."""
+        return (self.inference_url or f"http://127.0.0.1:{self.inference_port}").rstrip("/").removesuffix("/v1")
 
     @property
     def files_dir(self) -> Path:

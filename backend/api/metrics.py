@@ -1,4 +1,4 @@
-"""Prometheus metrics: request counts and latency by route, and jobs by status (read at scrape time)."""
+"""Prometheus metrics: request counts and latency by route, jobs by status (read at scrape time), inference."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.inference_requests = Counter(
+            "safetrain_inference_requests", "Chat and completion requests by route and status.", ["route", "status"],
+            registry=self.registry,
+        )
+        self.inference_tokens = Counter(
+            "safetrain_inference_generated_tokens", "Tokens generated for chat and completion answers.",
+            registry=self.registry,
+        )
+        self.inference_first_token = Histogram(
+            "safetrain_inference_time_to_first_token_seconds", "From the request to the first generated token.",
+            registry=self.registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
         )
         self.registry.register(JobStatusCollector(session_factory))
 

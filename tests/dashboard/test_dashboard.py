@@ -230,8 +230,11 @@ def test_compare_two_jobs_overlays_their_losses_and_diffs_their_options(
     diff = page.get_by_role("table", name="Options of the compared jobs")
     expect(diff.locator("tr.diff-row", has_text="training_file")).to_be_visible()
     expect(diff.locator("tr", has_text="metadata.team")).to_contain_text("dashboard")
-    page.get_by_label("X axis").select_option("epoch")
-    expect(chart.locator("path.series")).to_have_count(2)
+    for axis in ("epoch", "tokens"):
+        page.get_by_label("X axis").select_option(axis)
+        expect(chart.locator("path.series")).to_have_count(2)
+    tokens = dashboard.job(browser_job)["trained_tokens"]
+    expect(page.locator(".chart .summary")).to_contain_text(f"at tokens {tokens:,}")
     dashboard.screenshot(page, "compare")
 
 
@@ -286,3 +289,23 @@ def test_static_files_are_served_with_the_policy(dashboard: Dashboard) -> None:
     for missing in ("/dashboard/../api/app.py", "/dashboard/nope.js", "/dashboard/%2e%2e/__init__.py"):
         assert httpx.get(f"{dashboard.url}{missing}").status_code == 404
 
+
+def test_long_series_are_downsampled_keeping_their_extremes(dashboard: Dashboard, new_page: NewPage) -> None:
+    page = new_page()
+    page.goto(dashboard.url + "/")
+    drawn = page.evaluate(
+        """async () => {
+            const { downsample } = await import("/dashboard/js/chart.js");
+            const n = 100000, xs = [], ys = [];
+            for (let i = 0; i < n; i += 1) { xs.push(i); ys.push(Math.sin(i / 500)); }
+            ys[54321] = 40;  // one spike among 100,000 points
+            ys[77777] = -40;
+            const started = performance.now();
+            const out = downsample(xs, ys, (x) => (x / n) * 724);
+            return { count: out.xs.length, max: Math.max(...out.ys), min: Math.min(...out.ys),
+                     first: out.xs[0], last: out.xs[out.xs.length - 1], ms: performance.now() - started };
+        }"""
+    )
+    assert drawn["count"] <= 4 * 725 and drawn["max"] == 40 and drawn["min"] == -40
+    assert drawn["first"] == 0 and drawn["last"] == 99999
+    assert drawn["ms"] < 200, drawn

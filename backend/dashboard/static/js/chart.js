@@ -66,7 +66,8 @@ export function downsample(xs, ys, toPixel, columns = PLOT_W) {
  * A chart: `{element, update(series, refs)}`. series: [{label, cls, xs, ys}], refs: [{label, y, cls}] (dashed
  * horizontal lines such as the memory plan). `summary(series)` writes the text alternative.
  */
-export function lineChart({ name, xLabel = "step", yFormat = number, emptyText = "No data yet", summary }) {
+export function lineChart({ name, xLabel: initialXLabel = "step", yFormat = number, emptyText = "No data yet", summary }) {
+  let xLabel = initialXLabel;
   const summaryId = nextId("chart-summary");
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": name, "aria-describedby": summaryId, preserveAspectRatio: "none" });
   const grid = s("g", { class: "axis" });
@@ -97,7 +98,8 @@ export function lineChart({ name, xLabel = "step", yFormat = number, emptyText =
       h("tbody", null, rows)));
   }
 
-  function update(series, refs = []) {
+  function update(series, refs = [], xName = xLabel) {
+    xLabel = xName;
     current = { series: series.filter((one) => one.xs.length), refs };
     const all = current.series;
     let xMin = Infinity, xMax = -Infinity, yMin = Infinity, yMax = -Infinity;

@@ -15,7 +15,8 @@ export function renderCompare(root, signal, params) {
     return;
   }
   const message = h("div", { "aria-live": "polite" });
-  const axis = h("select", { name: "x-axis" }, h("option", { value: "step", text: "step" }), h("option", { value: "epoch", text: "epoch" }));
+  const axis = h("select", { name: "x-axis" }, h("option", { value: "step", text: "step" }), h("option", { value: "epoch", text: "epoch" }),
+    h("option", { value: "tokens", text: "tokens (trained tokens spread evenly over the steps)" }));
   const onlyDiff = h("input", { type: "checkbox", checked: true });
   const chart = lineChart({ name: "Loss", xLabel: "step", yFormat: (v) => number(v, 3), emptyText: "Loading the curves…" });
   const diffSlot = h("div");
@@ -30,13 +31,20 @@ export function renderCompare(root, signal, params) {
   let timer = null;
   const draw = () => {
     timer = null;
-    const byEpoch = axis.value === "epoch";
     chart.update(jobs.map((entry, index) => ({
       label: entry.job?.user_provided_suffix ? `${entry.id} (${entry.job.user_provided_suffix})` : entry.id,
       cls: `c${(index % 6) + 1}`,
-      xs: byEpoch ? entry.epochs : entry.steps,
+      xs: xsOf(entry),
       ys: entry.losses,
-    })));
+    })), [], axis.value);
+  };
+  // Tokens: a job's trained tokens over its steps (known once it ran); a run without them is left out.
+  const xsOf = (entry) => {
+    if (axis.value === "epoch") return entry.epochs;
+    if (axis.value === "step") return entry.steps;
+    const steps = entry.job?.progress?.total_steps || entry.steps[entry.steps.length - 1];
+    const tokens = entry.job?.trained_tokens;
+    return tokens && steps ? entry.steps.map((step) => Math.round((step * tokens) / steps)) : [];
   };
   const schedule = () => { timer ||= setTimeout(() => requestAnimationFrame(draw), 200); };
   axis.addEventListener("change", draw);

@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 import orjson
 
-DatasetFormat = Literal["chat", "prompt_completion", "text", "instruction"]
-DATASET_FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "text", "instruction")
+DatasetFormat = Literal["chat", "chat_tools", "prompt_completion", "text", "instruction", "preference"]
+DATASET_FORMATS: tuple[str, ...] = ("chat", "chat_tools", "prompt_completion", "text", "instruction", "preference")
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+# Tool use: `tool` messages answer `tool_calls`; `function` messages answer the legacy `function_call`.
+MESSAGE_ROLES: tuple[str, ...] = (*CHAT_ROLES, "tool", "function")
+CHAT_FORMATS: tuple[str, ...] = ("chat", "chat_tools")  # lines of both may share a file, which is then chat_tools
 
 DEFAULT_MAX_LINE_BYTES = 1_000_000
 
@@ -70,37 +73,233 @@ def _quoted(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _chat_fault(record: dict[str, Any]) -> str | None:
-    """The reason a chat record is invalid, or None."""
-    messages = record["messages"]
-    if not isinstance(messages, list):
-        return f'"messages" must be a list, not {_json_type(messages)}'
-    if not messages:
-        return '"messages" is empty'
-    for number, message in enumerate(messages, start=1):
-        if not isinstance(message, dict):
-            return f"message {number} is not a JSON object"
-        if "role" not in message:
-            return f'message {number} has no "role"'
-        if message["role"] not in CHAT_ROLES:
-            return f"unknown role {_quoted(message['role'])}"
-        if "content" not in message:
-            return f'message {number} has no "content"'
-        if not isinstance(message["content"], str):
-            return f'message {number} "content" must be a string, not {_json_type(message["content"])}'
-    if not any(message["role"] == "assistant" for message in messages):
-        return "no assistant message (a conversation needs at least one to train on)"
+def _json_object(text: str) -> object:
+    """The value a JSON string holds, or None when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _declared_fault(declared: object, key: str, label: str, names: set[str]) -> str | None:
+    """The fault in a line's `tools` or legacy `functions` list, adding the names it declares to `names`."""
+    if not isinstance(declared, list):
+        return f'"{key}" must be a list, not {_json_type(declared)}'
+    for number, item in enumerate(declared, start=1):
+        function = item.get("function") if key == "tools" and isinstance(item, dict) else item
+        if key == "tools" and (not isinstance(item, dict) or item.get("type", "function") != "function"):
+            return f'{label} {number} must be {{"type": "function", "function": {{"name": ...}}}}'
+        if not isinstance(function, dict):
+            return f'{label} {number} has no "function" object' if key == "tools" else f"{label} {number} is no object"
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            return f'{label} {number} has no "name"'
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            return f'{label} {number} "parameters" must be an object, not {_json_type(function["parameters"])}'
+        names.add(name)
     return None
 
 
-def classify_record(record: object) -> DatasetFormat:
-    """The format of one parsed line; raises DatasetError (without a line number) naming the fault."""
+def _uses_tools(record: dict[str, Any]) -> bool:
+    """Whether a chat line declares tools or holds a call or a tool's answer (its file is then chat_tools)."""
+    if "tools" in record or "functions" in record:
+        return True
+    messages = record.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(message, dict)
+        and (message.get("role") in ("tool", "function") or "tool_calls" in message or "function_call" in message)
+        for message in messages
+    )
+
+
+class Conversation:
+    """One line's messages checked in order: roles, content, weights, and calls against the line's tools."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.tool_names: set[str] = set()
+        self.call_ids: set[str] = set()  # tool calls made so far, which `tool` messages may answer
+        self.called_functions: set[str] = set()  # legacy function calls made so far
+        self.tools_fault: str | None = None
+        for key, label in (("tools", "tool"), ("functions", "function")):
+            if key in record and self.tools_fault is None:
+                self.tools_fault = _declared_fault(record[key], key, label, self.tool_names)
+
+    def fork(self) -> Conversation:
+        """A copy to check one alternative continuation with (a preference line's two outputs)."""
+        copy = Conversation({})
+        copy.tool_names = self.tool_names
+        copy.call_ids, copy.called_functions = set(self.call_ids), set(self.called_functions)
+        return copy
+
+    def check_messages(self, messages: list[Any], label: str) -> str | None:
+        """The first fault among `messages` (named `label 1`, `label 2`, ...), or None."""
+        for number, message in enumerate(messages, start=1):
+            fault = self.check_message(message, f"{label} {number}")
+            if fault:
+                return fault
+        return None
+
+    def check_message(self, message: object, where: str) -> str | None:
+        """The fault of one message (named `where` in the reason), or None."""
+        if not isinstance(message, dict):
+            return f"{where} is not a JSON object"
+        if "role" not in message:
+            return f'{where} has no "role"'
+        if message["role"] not in MESSAGE_ROLES:
+            return f"unknown role {_quoted(message['role'])}"
+        return _weight_fault(message, where) or _content_fault(message, where) or self._calls_fault(message, where)
+
+    def _calls_fault(self, message: dict[str, Any], where: str) -> str | None:
+        role = message["role"]
+        for key in ("tool_calls", "function_call"):
+            if key in message and role != "assistant":
+                return f'{where} has "{key}", which only assistant messages may carry'
+        if "tool_calls" in message:
+            return self._tool_calls_fault(message["tool_calls"], where)
+        if "function_call" in message:
+            call = message["function_call"]
+            fault = self._call_fault(call, f"{where} function_call")
+            if fault is None:
+                self.called_functions.add(call["name"])
+            return fault
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                return f'{where} has no "tool_call_id"'
+            if call_id not in self.call_ids:
+                return f"{where} answers tool call {_quoted(call_id)}, which no earlier assistant message made"
+        if role == "function" and message.get("name") not in self.called_functions:
+            return f'{where} answers function {_quoted(message.get("name"))}, which no earlier "function_call" called'
+        return None
+
+    def _tool_calls_fault(self, calls: object, where: str) -> str | None:
+        if not isinstance(calls, list) or not calls:
+            return f'{where} "tool_calls" must be a non-empty list'
+        for number, call in enumerate(calls, start=1):
+            at = f"{where} tool call {number}"
+            if not isinstance(call, dict):
+                return f"{at} is not a JSON object"
+            call_id = call.get("id")
+            if not isinstance(call_id, str) or not call_id:
+                return f'{at} has no "id"'
+            if call_id in self.call_ids:
+                return f"{at} repeats the id {_quoted(call_id)}"
+            if call.get("type", "function") != "function":
+                return f'{at} "type" must be "function"'
+            fault = self._call_fault(call.get("function"), at)
+            if fault:
+                return fault
+            self.call_ids.add(call_id)
+        return None
+
+    def _call_fault(self, function: object, at: str) -> str | None:
+        """The fault of one call's {"name", "arguments"}: a declared tool, arguments a JSON object as a string."""
+        if not isinstance(function, dict):
+            return f'{at} has no "function" object'
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            return f'{at} has no function "name"'
+        if name not in self.tool_names:
+            return f"{at} calls {_quoted(name)}, which is not in the line's \"tools\""
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str) or not isinstance(_json_object(arguments), dict):
+            return f'{at} "arguments" must be a JSON string naming an object (got {_quoted(arguments)})'
+        return None
+
+
+def _weight_fault(message: dict[str, Any], where: str) -> str | None:
+    if "weight" not in message:
+        return None
+    if message["role"] != "assistant":
+        return f'{where} has a "weight", which only assistant messages may carry'
+    weight = message["weight"]
+    if type(weight) is not int or weight not in (0, 1):
+        return f'{where} "weight" must be 0 or 1 (got {_quoted(weight)})'
+    return None
+
+
+def _content_fault(message: dict[str, Any], where: str) -> str | None:
+    """Content is a string; an assistant message making calls may leave it out or null."""
+    calls = message["role"] == "assistant" and ("tool_calls" in message or "function_call" in message)
+    if "content" not in message:
+        return None if calls else f'{where} has no "content"'
+    content = message["content"]
+    if content is None and calls:
+        return None
+    if not isinstance(content, str):
+        return f'{where} "content" must be a string, not {_json_type(content)}'
+    return None
+
+
+def _preference_fault(record: dict[str, Any]) -> str | None:
+    """The reason a preference (DPO) record is invalid, or None."""
+    source = record.get("input")
+    if not isinstance(source, dict):
+        return f'"input" must be an object, not {_json_type(source)}' if "input" in record else 'missing key "input"'
+    messages = source.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return '"input.messages" must be a non-empty list of messages'
+    conversation = Conversation(source)
+    fault = conversation.tools_fault or conversation.check_messages(messages, "input message")
+    if fault:
+        return fault
+    if messages[-1]["role"] not in ("user", "tool", "function"):
+        return f'"input.messages" must end with a user or tool message (the last is {_quoted(messages[-1]["role"])})'
+    for key in ("preferred_output", "non_preferred_output"):
+        fault = _output_fault(record, key, conversation.fork())
+        if fault:
+            return fault
+    return None
+
+
+def _output_fault(record: dict[str, Any], key: str, conversation: Conversation) -> str | None:
+    """A preference output: a list of exactly one assistant message, its calls naming the input's tools."""
+    if key not in record:
+        return f'missing key "{key}"'
+    output = record[key]
+    if not isinstance(output, list) or len(output) != 1:
+        return f'"{key}" must be a list of exactly one assistant message'
+    message, where = output[0], f"{key} message 1"
+    if isinstance(message, dict) and "role" in message and message["role"] != "assistant":
+        return f'{where} must be an assistant message (got role {_quoted(message["role"])})'
+    if isinstance(message, dict) and "weight" in message:
+        return f'{where} has a "weight": preference outputs are compared whole, not weighted'
+    return conversation.check_message(message, where)
+
+
+def _chat_fault(record: dict[str, Any]) -> str | None:
+    """The reason a chat record is invalid, or None."""
+    return _chat_check(record)[0]
+
+
+def _chat_check(record: dict[str, Any]) -> tuple[str | None, bool]:
+    """The reason a chat record is invalid (or None), and whether it has an assistant turn to train on."""
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        return f'"messages" must be a list, not {_json_type(messages)}', False
+    if not messages:
+        return '"messages" is empty', False
+    conversation = Conversation(record)
+    fault = conversation.tools_fault or conversation.check_messages(messages, "message")
+    if fault:
+        return fault, False
+    if not any(message["role"] == "assistant" for message in messages):
+        return "no assistant message (a conversation needs at least one to train on)", False
+    return None, any(message["role"] == "assistant" and message.get("weight", 1) == 1 for message in messages)
+
+
+def _classify(record: object) -> tuple[DatasetFormat, bool]:
+    """The format of one parsed line and whether it has a target; raises DatasetError (no line number)."""
     if not isinstance(record, dict):
         raise DatasetError(None, "expected a JSON object")
     fmt: DatasetFormat
     fault: str | None
+    trainable = True
     if "messages" in record:
-        fmt, fault = "chat", _chat_fault(record)
+        fault, trainable = _chat_check(record)
+        fmt = "chat_tools" if _uses_tools(record) else "chat"
+    elif "preferred_output" in record or "non_preferred_output" in record or isinstance(record.get("input"), dict):
+        fmt, fault = "preference", _preference_fault(record)
     elif "prompt" in record or "completion" in record:
         fmt = "prompt_completion"
         fault = _require_string(record, "prompt") or _require_string(record, "completion")
@@ -118,7 +317,12 @@ def classify_record(record: object) -> DatasetFormat:
         raise DatasetError(None, f"unknown shape: expected keys {_SHAPES} (found {keys})")
     if fault:
         raise DatasetError(None, fault)
-    return fmt
+    return fmt, trainable
+
+
+def classify_record(record: object) -> DatasetFormat:
+    """The format of one parsed line; raises DatasetError (without a line number) naming the fault."""
+    return _classify(record)[0]
 
 
 def _plain_line_format(raw: bytes) -> DatasetFormat | None:
@@ -144,7 +348,10 @@ def _plain_format(record: object) -> DatasetFormat | None:
     if type(record) is not dict:
         return None
     if "messages" in record:
-        return "chat" if _plain_chat(record["messages"]) else None
+        plain = "tools" not in record and "functions" not in record and _plain_chat(record["messages"])
+        return "chat" if plain else None
+    if "preferred_output" in record or "non_preferred_output" in record or type(record.get("input")) is dict:
+        return None  # preference lines take the exact path
     if "prompt" in record or "completion" in record:
         valid = type(record.get("prompt")) is str and type(record.get("completion")) is str
         return "prompt_completion" if valid else None
@@ -161,18 +368,19 @@ def _plain_format(record: object) -> DatasetFormat | None:
 def _only_known_keys(record: dict[str, Any], fmt: DatasetFormat) -> bool:
     """Whether a record _plain_format accepted holds its format's keys alone (so nothing nests deeper)."""
     if fmt == "chat":
-        return len(record) == 1 and all(len(message) == 2 for message in record["messages"])
+        return len(record) == 1  # _plain_chat let through messages of role and content alone
     known = {"prompt_completion": 2, "instruction": 2 + ("input" in record), "text": 1}
     return len(record) == known[fmt]
 
 
 def _plain_chat(messages: object) -> bool:
-    """Whether `messages` is a list of {role, content: str} with known roles and an assistant turn."""
+    """Whether `messages` is a list of {role, content: str} alone, with known roles and an assistant turn."""
     if type(messages) is not list:
         return False
     assistant = False
     for message in messages:
-        if type(message) is not dict or type(message.get("content")) is not str:
+        # Any other key (a weight, tool calls) sends the line to the exact path, which checks it.
+        if type(message) is not dict or len(message) != 2 or type(message.get("content")) is not str:
             return False
         role = message.get("role")
         if role == "assistant":
@@ -195,6 +403,7 @@ class DatasetValidator:
         self.on_example = on_example  # receives each valid example (load_examples keeps them)
         self.format: DatasetFormat | None = None
         self.n_examples = 0
+        self.trainable = False  # some line has a target (not every assistant turn has weight 0)
         self._format_line = 0
         self._line = 1  # the line the buffer belongs to
         self._buffer = bytearray()
@@ -222,6 +431,8 @@ class DatasetValidator:
             self._buffer.clear()
         if self.format is None:
             raise DatasetError(None, "the file is empty")
+        if not self.trainable:
+            raise DatasetError(None, "nothing to train on: every assistant message in the file has weight 0")
         return DatasetSummary(format=self.format, n_examples=self.n_examples)
 
     def _check_length(self, size: int, first_bytes: bytes, last_byte: bytes) -> None:
@@ -241,17 +452,19 @@ class DatasetValidator:
         # file's format; examples handed to on_example are parsed by json, whose values are the reference.
         fast = self.on_example is None
         limit, fmt, line, examples = self.max_line_bytes, self.format, self._line, self.n_examples
+        trainable = self.trainable
         try:
             for raw in lines:
                 if fast and fmt is not None and len(raw) <= limit and _plain_line_format(raw) == fmt:
                     examples += 1
+                    trainable = True  # a plain line's assistant turns carry no weight: all are targets
                 else:
-                    self._line, self.n_examples = line, examples
+                    self._line, self.n_examples, self.trainable = line, examples, trainable
                     self._check_line(raw)
-                    fmt, examples = self.format, self.n_examples
+                    fmt, examples, trainable = self.format, self.n_examples, self.trainable
                 line += 1
         finally:
-            self._line, self.n_examples = line, examples
+            self._line, self.n_examples, self.trainable = line, examples, trainable
 
     def _check_line(self, raw: bytes) -> None:
         """Check one whole line at self._line: its length, its JSON, its shape and format."""
@@ -266,6 +479,7 @@ class DatasetValidator:
         else:
             self._record_format(fmt)
             self.n_examples += 1
+            self.trainable = True
 
     def _check_line_exactly(self, raw: bytes) -> None:
         try:
@@ -281,17 +495,20 @@ class DatasetValidator:
         except RecursionError:
             raise DatasetError(self._line, "invalid JSON: nested too deeply") from None
         try:
-            fmt = classify_record(record)
+            fmt, trainable = _classify(record)
         except DatasetError as exc:
             raise DatasetError(self._line, exc.reason) from None
         self._record_format(fmt)
         self.n_examples += 1
+        self.trainable = self.trainable or trainable
         if self.on_example is not None:
             self.on_example(record)
 
     def _record_format(self, fmt: DatasetFormat) -> None:
         if self.format is None:
             self.format, self._format_line = fmt, self._line
+        elif fmt in CHAT_FORMATS and self.format in CHAT_FORMATS:
+            self.format = "chat_tools" if "chat_tools" in (fmt, self.format) else "chat"
         elif fmt != self.format:
             raise DatasetError(
                 self._line,

@@ -37,7 +37,7 @@ import torch
 from transformers import PretrainedConfig
 
 from backend.training.model_shape import LinearLayer, ModelShape, lora_layers, lora_targets, model_shape
-from backend.training.options import TrainingOptions
+from backend.training.options import EIGHT_BIT_OPTIMIZERS, TrainingOptions
 
 MIB = 1024**2
 GIB = 1024**3
@@ -54,6 +54,9 @@ CUBLAS_HANDLES_IN_TRAINING = 2
 # The CUDA caching allocator's fragmentation, as a share of everything else.
 CUDA_ALLOCATOR_SLACK = 0.05
 NF4_BLOCK = 64
+# bitsandbytes' 8-bit optimizers: states quantized in blocks of this many, tensors below the minimum kept fp32
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
 NESTED_BLOCK = 256
 _PYTHON_GELUS = {"gelu_new": 3, "gelu_fast": 3, "gelu_python": 2, "quick_gelu": 1, "gelu_accurate": 3}
 # peft keeps adapter weights (and so the tensors it casts for them) in fp32
@@ -122,13 +125,14 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
     without_checkpointing = activation_bytes(options, shape, adapted, device=device, checkpointing=False)
     activations = with_checkpointing if options.gradient_checkpointing else without_checkpointing
     weights = weight_bytes(options, shape)
-    subtotal = weights + 4 * lora_parameters + 4 * trainable + 8 * trainable + activations
+    optimizer = optimizer_state_bytes(options, shape, adapted)
+    subtotal = weights + 4 * lora_parameters + 4 * trainable + optimizer + activations
     layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=_tokens(options))
     breakdown = MemoryBreakdown(
         weights=weights,
         adapters=4 * lora_parameters,  # peft keeps adapter weights in fp32
         gradients=4 * trainable,  # fp32, one per trainable parameter
-        optimizer=8 * trainable,  # AdamW: exp_avg and exp_avg_sq in fp32
+        optimizer=optimizer,  # AdamW's exp_avg and exp_avg_sq: fp32, or uint8 with --optim adamw_8bit
         activations=activations,
         overhead=overhead_bytes(subtotal, device, layer_activations=layer),
     )
@@ -143,6 +147,28 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         activations_with_checkpointing=with_checkpointing,
         activations_without_checkpointing=without_checkpointing,
     )
+
+
+def optimizer_state_bytes(options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer]) -> int:
+    """AdamW's two states per trainable parameter: fp32 (8 bytes), or bitsandbytes' 8-bit ones (2 bytes).
+
+    The 8-bit optimizers quantize in blocks of 256 with an fp32 scale per block and state, plus a 256-entry
+    fp32 code per state and tensor; tensors under 4096 elements (norms, biases, small adapters) stay fp32.
+    """
+    if options.use_lora:
+        sizes = [size for layer in adapted for size in (options.lora_r * layer.in_features,
+                                                          options.lora_r * layer.out_features)]
+    else:
+        sizes = list(shape.parameter_sizes) or [shape.n_parameters]
+    if options.optim not in EIGHT_BIT_OPTIMIZERS:
+        return 8 * sum(sizes)
+    return sum(_eight_bit_state_bytes(size) for size in sizes)
+
+
+def _eight_bit_state_bytes(size: int) -> int:
+    if size < BNB_MIN_8BIT_SIZE:
+        return 8 * size
+    return 2 * (size + 4 * math.ceil(size / BNB_BLOCK) + 4 * 256)
 
 
 def compute_bytes(options: TrainingOptions) -> int:

@@ -52,6 +52,8 @@ class ModelShape:
     attention_dropout: float
     attn_implementation: str
     default_lora_targets: tuple[str, ...]
+    # Elements of each parameter tensor (tied ones once): bitsandbytes' 8-bit optimizers keep small ones in fp32.
+    parameter_sizes: tuple[int, ...] = ()
 
     @property
     def quantized_inputs_per_layer(self) -> int:
@@ -120,6 +122,7 @@ def _measure_shape(config: PretrainedConfig) -> ModelShape:
         attention_dropout=_first_float(text, ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")),
         attn_implementation=str(getattr(model.config, "_attn_implementation", None) or "sdpa"),
         default_lora_targets=tuple(default_lora_targets(model)),
+        parameter_sizes=tuple(parameter.numel() for parameter in model.parameters()),
     )
 
 

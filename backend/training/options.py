@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DeepSpeedPreset = Literal["zero2", "zero2-offload", "zero3", "zero3-offload"]
 DEEPSPEED_PRESETS: tuple[str, ...] = ("zero2", "zero2-offload", "zero3", "zero3-offload")
+OptimizerName = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
+EIGHT_BIT_OPTIMIZERS: frozenset[str] = frozenset({"adamw_8bit", "paged_adamw_8bit"})
 
 # The keys a client may send in the API's `training` object (../shared/API.md): one vocabulary
 # with train_safe.py's flags. Paths, fault injection and remote code stay CLI/worker-only.
@@ -65,6 +68,18 @@ class TrainingOptions(BaseModel):
     deepspeed: DeepSpeedPreset | None = Field(
         None, description="DeepSpeed ZeRO preset: zero2, zero2-offload, zero3, zero3-offload."
     )
+    optim: OptimizerName = Field(
+        "adamw_torch", description="Optimizer: adamw_torch, or bitsandbytes' adamw_8bit / paged_adamw_8bit."
+    )
+    offload_activations: bool = Field(
+        False, description="Keep each checkpointed layer's input in host memory until the backward needs it."
+    )
+
+    # Several machines (each runs train_safe.py; the first one's address joins them).
+    num_machines: int = Field(1, description="Machines in a multi-node run, passed to accelerate launch.")
+    machine_rank: int = Field(0, description="This machine's rank among --num_machines (0 is the main one).")
+    main_process_ip: str | None = Field(None, description="Address of machine 0, for a multi-node run.")
+    main_process_port: int | None = Field(None, description="Port of machine 0's rendezvous, for a multi-node run.")
 
     # Schedule.
     epochs: float = Field(1.0, description="Passes over the training data.")
@@ -178,4 +193,32 @@ def find_option_problems(options: TrainingOptions) -> list[str]:
         problems.append(f"--memory_budget_gb must be positive (got {options.memory_budget_gb})")
     if options.max_oom_retries < 0 or options.max_divergence_retries < 0:
         problems.append("--max_oom_retries and --max_divergence_retries must not be negative")
+    problems += _memory_technique_problems(options)
+    problems += _multi_node_problems(options)
+    return problems
+
+
+def _memory_technique_problems(options: TrainingOptions) -> list[str]:
+    problems: list[str] = []
+    if options.offload_activations and options.gradient_checkpointing is not True:
+        problems.append(
+            "--offload_activations needs --gradient_checkpointing: it offloads the checkpointed layers' inputs"
+        )
+    if options.optim in EIGHT_BIT_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"--optim {options.optim} needs bitsandbytes, which is not installed: use --optim adamw_torch")
+    return problems
+
+
+def _multi_node_problems(options: TrainingOptions) -> list[str]:
+    if options.num_machines < 1:
+        return [f"--num_machines must be at least 1 (got {options.num_machines})"]
+    problems: list[str] = []
+    if not 0 <= options.machine_rank < options.num_machines:
+        problems.append(
+            f"--machine_rank must be in [0, --num_machines) (got {options.machine_rank} of {options.num_machines})"
+        )
+    if options.num_machines > 1 and (options.main_process_ip is None or options.main_process_port is None):
+        problems.append("--num_machines above 1 needs --main_process_ip and --main_process_port (machine 0's)")
+    if options.main_process_port is not None and not 0 < options.main_process_port < 65536:
+        problems.append(f"--main_process_port must be in 1-65535 (got {options.main_process_port})")
     return problems

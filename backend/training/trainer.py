@@ -151,10 +151,8 @@ def _setup_model(options: TrainingOptions, report: Reporter) -> tuple[Any, Any]:
 def _setup_optimizer(
     model: Any, options: TrainingOptions, total_steps: int, lr_scale: float
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW on the trainable parameters, with linear warmup (warmup_ratio) then linear decay to zero."""
-    optimizer = torch.optim.AdamW(
-        _trainable_parameters(model), lr=options.resolved_learning_rate, weight_decay=options.weight_decay
-    )
+    """AdamW (--optim) on the trainable parameters, with linear warmup (warmup_ratio) then linear decay to zero."""
+    optimizer = new_optimizer(_trainable_parameters(model), options)
     warmup_steps = math.ceil(total_steps * options.warmup_ratio)
 
     def lr_factor(step: int) -> float:
@@ -163,6 +161,19 @@ def _setup_optimizer(
         return lr_scale * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def new_optimizer(parameters: list[torch.nn.Parameter], options: TrainingOptions) -> torch.optim.Optimizer:
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (states in uint8 with per-block scales: 2 bytes a parameter
+    instead of 8); the paged one keeps its states in CUDA unified memory, which pages out to the host when tight."""
+    settings: dict[str, Any] = {"lr": options.resolved_learning_rate, "weight_decay": options.weight_decay}
+    if options.optim == "adamw_torch":
+        return torch.optim.AdamW(parameters, **settings)
+    import bitsandbytes as bnb  # only now: an optional dependency, checked by the options' validator
+
+    if options.optim == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(parameters, **settings)
+    return bnb.optim.AdamW8bit(parameters, **settings)
 
 
 def _restore(attempt: Attempt, total_steps: int) -> TrainerState:

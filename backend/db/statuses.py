@@ -31,30 +31,35 @@ class EvaluationStatus(StrEnum):
 
 # Every move a row may make, by who makes it: the API (cancel, pause, resume), a worker (claim, run, finish,
 # requeue after a crash or a shutdown) and the reconciler (expire a silent attempt). A status missing as a
-# key is terminal.
-TRANSITIONS: dict[StrEnum, frozenset[StrEnum]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.VALIDATING_FILES, JobStatus.CANCELLED, JobStatus.PAUSED}),
-    JobStatus.VALIDATING_FILES: frozenset({
-        JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED,
-    }),
-    JobStatus.RUNNING: frozenset({
-        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED,
-    }),
-    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
-    EvaluationStatus.QUEUED: frozenset({EvaluationStatus.RUNNING, EvaluationStatus.FAILED}),
-    # running -> running: a claim takes over an attempt whose heartbeat stopped.
-    EvaluationStatus.RUNNING: frozenset({
-        EvaluationStatus.SUCCEEDED, EvaluationStatus.FAILED, EvaluationStatus.QUEUED, EvaluationStatus.RUNNING,
-    }),
+# key is terminal. One table per kind: a job's and an evaluation's statuses share their strings.
+TRANSITIONS: dict[type[StrEnum], dict[str, frozenset[str]]] = {
+    JobStatus: {
+        JobStatus.QUEUED: frozenset({JobStatus.VALIDATING_FILES, JobStatus.CANCELLED, JobStatus.PAUSED}),
+        JobStatus.VALIDATING_FILES: frozenset({
+            JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED,
+        }),
+        JobStatus.RUNNING: frozenset({
+            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED,
+        }),
+        JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
+    },
+    EvaluationStatus: {
+        EvaluationStatus.QUEUED: frozenset({EvaluationStatus.RUNNING, EvaluationStatus.FAILED}),
+        # running -> running: a claim takes over an attempt whose heartbeat stopped.
+        EvaluationStatus.RUNNING: frozenset({
+            EvaluationStatus.SUCCEEDED, EvaluationStatus.FAILED, EvaluationStatus.QUEUED, EvaluationStatus.RUNNING,
+        }),
+    },
 }
 
 JOB_STATUSES = tuple(JobStatus)
 EVALUATION_STATUSES = tuple(EvaluationStatus)
-TERMINAL_JOB_STATUSES = frozenset(status for status in JobStatus if status not in TRANSITIONS)
+TERMINAL_JOB_STATUSES = frozenset(status for status in JobStatus if status not in TRANSITIONS[JobStatus])
 # Statuses that count against a project's concurrent-job quota.
 ACTIVE_JOB_STATUSES = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING})
 
 
-def can_move(sources: tuple[StrEnum, ...], target: StrEnum) -> bool:
-    """Whether a row in any of `sources` may move to `target`."""
-    return any(target in TRANSITIONS.get(source, frozenset()) for source in sources)
+def can_move(sources: tuple[str, ...], target: StrEnum) -> bool:
+    """Whether a row of `target`'s kind in any of `sources` may move to `target`."""
+    table = TRANSITIONS[type(target)]
+    return any(target in table.get(source, frozenset()) for source in sources)

@@ -23,6 +23,7 @@ from backend.db.models import (
     TelemetrySample,
     now,
 )
+from backend.db.statuses import can_move
 from backend.services import evaluation_options, evaluations
 from backend.services.base_models import resolve_base_model
 from backend.services.errors import InvalidRequest, NotFound, QuotaExceeded
@@ -149,6 +150,8 @@ def list_jobs(
 
 def _transition(*, session: Session, job: Job, from_status: str, **values: Any) -> bool:
     """Apply `values` only if the job still has `from_status` (a worker may have moved it meanwhile)."""
+    if "status" in values and not can_move((from_status,), values["status"]):
+        raise ValueError(f"job {job.id}: no move from {from_status} to {values['status']}")
     result = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == from_status)

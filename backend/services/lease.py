@@ -88,11 +88,17 @@ def claim(
     return session.execute(statement).first()
 
 
-def finish(session: Session, kind: LeaseKind, row_id: str, attempt: int, *, status: StrEnum, **values: Any) -> Any:
+def _move(kind: LeaseKind, status: str) -> StrEnum:
+    """`status` as the kind's member, refused (ValueError) when the transitions table has no move to it."""
+    target = type(kind.active[0])(status)
+    if not can_move(kind.active, target):
+        raise ValueError(f"a {kind.name} attempt cannot move to {target}")
+    return target
+
+
+def finish(session: Session, kind: LeaseKind, row_id: str, attempt: int, *, status: str, **values: Any) -> Any:
     """Move the held row to `status` under the fence (StaleAttemptError when the attempt lost it)."""
-    if not can_move(kind.active, status):
-        raise ValueError(f"a {kind.name} attempt cannot move to {status}")
-    return fenced_update(session, kind, row_id, attempt, status=status, **values)
+    return fenced_update(session, kind, row_id, attempt, status=_move(kind, status), **values)
 
 
 def silent(kind: LeaseKind, expiry_seconds: int) -> ColumnElement[bool]:
@@ -101,16 +107,14 @@ def silent(kind: LeaseKind, expiry_seconds: int) -> ColumnElement[bool]:
 
 
 def expire(
-    session: Session, kind: LeaseKind, row_id: str, attempt: int, *, expiry_seconds: int, status: StrEnum,
+    session: Session, kind: LeaseKind, row_id: str, attempt: int, *, expiry_seconds: int, status: str,
     **values: Any,
 ) -> bool:
     """Move an attempt silent for `expiry_seconds` to `status`; False when it heartbeat meanwhile or was taken."""
-    if not can_move(kind.active, status):
-        raise ValueError(f"a {kind.name} attempt cannot expire to {status}")
     statement = (
         update(kind.model)
         .where(fence(kind, row_id, attempt), silent_for(kind.model.heartbeat_at, expiry_seconds))
-        .values(status=status, worker=None, heartbeat_at=database_now(), **values)
+        .values(status=_move(kind, status), worker=None, heartbeat_at=database_now(), **values)
         .execution_options(synchronize_session=False)
     )
     return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]

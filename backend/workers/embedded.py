@@ -30,14 +30,17 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass
 class _Children:
-    """The two processes `safetrain up` supervises."""
+    """The processes `safetrain up` supervises: API, worker and (unless SAFETRAIN_INFERENCE_URL names another
+    engine) the embedded inference engine."""
 
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
+    engine: subprocess.Popen[bytes] | None = None
+    engine_argv: list[str] = field(default_factory=list)
     stop_requested: list[int] = field(default_factory=list)
 
     def all(self) -> tuple[subprocess.Popen[bytes], ...]:
-        return (self.api, self.worker)
+        return (self.api, self.worker) if self.engine is None else (self.api, self.worker, self.engine)
 
 
 def run_embedded(host: str, port: int, demo_model: bool) -> None:
@@ -54,7 +57,7 @@ def run_embedded(host: str, port: int, demo_model: bool) -> None:
     if demo_model:
         ensure_demo_model(models_dir)
     env = _child_environment(data_dir, models_dir)
-    children = _start_children(host, port, env)
+    children = _start_children(host, port, env, engine=not settings.inference_url)
     _install_stop_handlers(children)
     try:
         if _wait_until_ready(children, host, port):
@@ -146,6 +149,8 @@ def stop_children(children: _Children, grace_seconds: float = STOP_GRACE_SECONDS
     # SIGTERM is the worker's warm shutdown: it has its trainers checkpoint at the next step, hands their
     # jobs back to the queue (they resume on the next start) and records that before it exits.
     _signal(children.worker, signal.SIGTERM)
+    if children.engine is not None:
+        _signal(children.engine, signal.SIGTERM)  # a generation in flight is dropped: the API answers 503
     deadline = time.monotonic() + grace_seconds
     for child in children.all():
         try:
@@ -165,11 +170,14 @@ def _child_environment(data_dir: Path, models_dir: Path) -> dict[str, str]:
     return env
 
 
-def _start_children(host: str, port: int, env: dict[str, str]) -> _Children:
+def _start_children(host: str, port: int, env: dict[str, str], *, engine: bool = True) -> _Children:
     command = [sys.executable, "-m", "backend.cli"]
     api = _spawn([*command, "api", "--host", host, "--port", str(port)], env)
     worker = _spawn([*command, "worker", "--concurrency", "1"], env)
-    return _Children(api=api, worker=worker)
+    # The engine listens on 127.0.0.1 only: the API is its one client, and it checks who may use which model.
+    engine_argv = [*command, "serve", "--host", "127.0.0.1"] if engine else []
+    return _Children(api=api, worker=worker, engine=_spawn(engine_argv, env) if engine else None,
+                     engine_argv=engine_argv)
 
 
 def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -212,9 +220,22 @@ def _wait_until_ready(children: _Children, host: str, port: int) -> bool:
 
 
 def _supervise(children: _Children) -> None:
-    """Return when a stop is asked for or when either child exits."""
-    while not children.stop_requested and all(child.poll() is None for child in children.all()):
+    """Return when a stop is asked for or when the API or the worker exits; a dead engine is started again."""
+    while not children.stop_requested and children.api.poll() is None and children.worker.poll() is None:
+        if children.engine is not None and children.engine.poll() is not None:
+            # The engine holds nothing the API cannot give it again (adapters are registered on use).
+            print(f"safetrain up: the inference engine exited ({children.engine.returncode}); starting it again",
+                  file=sys.stderr, flush=True)
+            time.sleep(1.0)
+            children.engine = _spawn(children.engine_argv, _engine_environment())
         time.sleep(0.2)
+
+
+def _engine_environment() -> dict[str, str]:
+    from backend.config import get_settings
+
+    settings = get_settings()
+    return _child_environment(Path(settings.data_dir).resolve(), Path(settings.models_dir).resolve())
 
 
 def _signal(child: subprocess.Popen[bytes], signum: int) -> None:

@@ -254,16 +254,23 @@ def _base_causal_lm(model: nn.Module) -> Any:
     return get_base_model() if callable(get_base_model) else model
 
 
-def chunked_loss_head(model: nn.Module) -> nn.Linear:
-    """The lm_head the chunked loss projects with; raises ChunkedLossUnavailable saying why the plain loss is needed."""
-    base = _base_causal_lm(model)
-    config = getattr(base, "config", None)
+def config_head_problem(config: Any) -> str | None:
+    """Why a model with this config cannot take the chunked loss (from the config alone), or None when it can."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ChunkedLossUnavailable(f"model type {model_type!r} is not one whose head is known to be plain")
     transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1.0)]
     if transforms:
-        raise ChunkedLossUnavailable(f"the model transforms its logits after lm_head ({', '.join(transforms)})")
+        return f"the model transforms its logits after lm_head ({', '.join(transforms)})"
+    return None
+
+
+def chunked_loss_head(model: nn.Module) -> nn.Linear:
+    """The lm_head the chunked loss projects with; raises ChunkedLossUnavailable saying why the plain loss is needed."""
+    base = _base_causal_lm(model)
+    problem = config_head_problem(getattr(base, "config", None))
+    if problem is not None:
+        raise ChunkedLossUnavailable(problem)
     head = base.get_output_embeddings()
     if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
         raise ChunkedLossUnavailable("lm_head carries a LoRA adapter: its output is not hidden @ weight.T")

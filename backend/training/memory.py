@@ -43,12 +43,15 @@ __all__ = [
     "CUDA_CONTEXT_BYTES", "GIB", "KBIT_STREAM_BYTES", "MIB", "LinearLayer", "MemoryBreakdown", "MemoryPlan",
     "ModelShape", "activation_bytes", "apply_safe_defaults", "cheapest_fitting_changes", "compute_bytes",
     "cublas_workspace_bytes", "default_device", "describe_changes", "device_budget_bytes", "estimate_memory",
-    "format_plan", "load_model_config", "lora_layers", "lora_targets", "model_shape", "overhead_bytes",
-    "plan_memory", "quantized_bytes", "weight_bytes",
+    "format_plan", "load_model_config", "longest_fitting_seq_length", "lora_layers", "lora_targets", "model_shape",
+    "overhead_bytes", "plan_memory", "quantized_bytes", "resolve_auto_seq_length", "smallest_fitting_budget",
+    "weight_bytes",
 ]
 
 OVER_7B_PARAMETERS = 7_000_000_000
 TIGHT_FRACTION = 0.8
+# Where the search for the longest context stops when the model sets no limit of its own (16M tokens)
+LONGEST_SEQ_SEARCHED = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,71 @@ class _Target:
 
 
 def device_budget_bytes(options: TrainingOptions) -> tuple[int, str]:
-    """The memory budget and its device: --memory_budget_gb, else the GPU's free memory, else host RAM."""
-    device = default_device()
+    """The budget and its device (--plan_device, else this machine's): --memory_budget_gb, else what is free there."""
+    device = options.plan_device or default_device()
     if options.memory_budget_gb is not None:
         return int(options.memory_budget_gb * GIB), device
     if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--plan_device cuda on a machine without a GPU needs --memory_budget_gb (the GPU's size)")
         free, _total = torch.cuda.mem_get_info()
         return int(free), device
     return int(psutil.virtual_memory().available), "cpu"
+
+
+def longest_fitting_seq_length(
+    options: TrainingOptions, config: PretrainedConfig, *, budget_bytes: int, device: str, limit: int | None = None
+) -> int | None:
+    """The longest --max_seq_length whose plan fits the budget with these settings (binary search), or None."""
+    def fits(length: int) -> bool:
+        trial = _updated(options, {"max_seq_length": length})
+        return estimate_memory(trial, config, device=device).estimate_bytes <= budget_bytes
+
+    low, high = 0, limit or LONGEST_SEQ_SEARCHED
+    if fits(high):
+        return high
+    while high - low > 1:  # fits(low) holds (0 trivially), fits(high) does not: the plan grows with the length
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low or None
+
+
+def smallest_fitting_budget(options: TrainingOptions, config: PretrainedConfig, *, device: str) -> int:
+    """The plan of one token with these settings: no smaller budget fits anything."""
+    return estimate_memory(_updated(options, {"max_seq_length": 1}), config, device=device).estimate_bytes
+
+
+def resolve_auto_seq_length(
+    options: TrainingOptions, config: PretrainedConfig, *, budget_bytes: int, device: str
+) -> tuple[TrainingOptions, list[str]]:
+    """--max_seq_length auto: the longest context the plan fits in the budget (capped at the model's positions)."""
+    if options.max_seq_length != "auto":
+        return options, []
+    messages: list[str] = []
+    if options.gradient_checkpointing is None:  # left open: the longest context is the checkpointed one
+        options = _updated(options, {"gradient_checkpointing": True})
+        messages.append("--max_seq_length auto: enabling --gradient_checkpointing (the longest context needs it)")
+    limit = model_position_limit(config)
+    length = longest_fitting_seq_length(options, config, budget_bytes=budget_bytes, device=device, limit=limit)
+    if length is None:
+        needed = smallest_fitting_budget(options, config, device=device)
+        raise ValueError(
+            f"--max_seq_length auto: nothing fits --memory_budget_gb {budget_bytes / GIB:.2f} on {device} with these "
+            f"settings; the smallest budget that fits is {needed / GIB:.2f} GiB (--memory_budget_gb {needed / GIB:.2f})"
+        )
+    capped = ", the model's position limit" if length == limit else ""
+    messages.append(f"--max_seq_length auto: {length:,} tokens fit {_gib(budget_bytes)} on {device}{capped}")
+    return _updated(options, {"max_seq_length": length}), messages
+
+
+def model_position_limit(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's positions allow (learned, or what RoPE was trained for), when it says."""
+    text = config.get_text_config()
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def plan_memory(
@@ -82,6 +142,8 @@ def plan_memory(
     if budget_bytes is None:
         budget_bytes, budget_device = device_budget_bytes(options)
         device = device or budget_device
+    device = device or options.plan_device or default_device()
+    options, _messages = resolve_auto_seq_length(options, config, budget_bytes=budget_bytes, device=device)
     plan = estimate_memory(options, config, device=device)
     plan.budget_bytes = budget_bytes
     plan.fits = plan.estimate_bytes <= budget_bytes
@@ -115,8 +177,10 @@ def cheapest_fitting_changes(
 
 
 def _memory_saving_steps(options: TrainingOptions, *, device: str, budget_bytes: int) -> list[dict[str, Any]]:
-    """Changes from cheapest to most drastic: checkpointing, micro-batch, LoRA, 8-bit, 4-bit, offload."""
+    """Changes from cheapest to most drastic: chunked loss, checkpointing, micro-batch, LoRA, 8-bit, 4-bit, offload."""
     steps: list[dict[str, Any]] = []
+    if not options.chunked_loss and options.deepspeed is None:  # the same loss, only never the whole logits
+        steps.append({"chunked_loss": True})
     if not options.gradient_checkpointing:
         steps.append({"gradient_checkpointing": True})
     effective = options.effective_batch_size
@@ -206,8 +270,8 @@ def apply_safe_defaults(
     options: TrainingOptions, config: PretrainedConfig, *, budget_bytes: int, device: str | None = None
 ) -> tuple[TrainingOptions, list[str]]:
     """The guide's safe defaults, each announced: 8-bit over 7B, small micro-batches, checkpointing when tight."""
-    device = device or default_device()
-    messages: list[str] = []
+    device = device or options.plan_device or default_device()
+    options, messages = resolve_auto_seq_length(options, config, budget_bytes=budget_bytes, device=device)
     shape = model_shape(config)
     changes: dict[str, Any] = {}
     if shape.n_parameters > OVER_7B_PARAMETERS and options.deepspeed is None:
@@ -287,6 +351,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  {'Total':<{width}}{_size(plan.estimate_bytes):>12}",
         f"  (activations: {_size(plan.activations_without_checkpointing)} without gradient checkpointing, "
         f"{_size(plan.activations_with_checkpointing)} with)",
+        f"  Sequence length {plan.max_seq_length:,}; techniques: {', '.join(plan.techniques) or 'none'}",
+        *(f"  (--{name} saves {_size(saved)}; --no_{name} would need it)" for name, saved in plan.savings.items()),
     ]
     if plan.budget_bytes is not None:
         verdict = "fits" if plan.fits else "DOES NOT FIT"

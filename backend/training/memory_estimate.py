@@ -14,7 +14,8 @@ Recomputation in Large Transformer Models"), adapted to what transformers + peft
   on CUDA), linear inputs only where the linear's weight is trained, LoRA's dropout output;
   attention scores (b·heads·s²) only where attention is materialized (eager, or SDPA on the CPU with
   attention dropout); the logits for the loss (fp32 log-softmax and its gradients), often the largest
-  term for small models; what one layer's backward adds (its widest gradients, k-bit weights dequantized).
+  term for small models, or with the chunked loss (on by default) one slice of them and what it keeps per token
+  (`chunked_loss_bytes`); what one layer's backward adds (its widest gradients, k-bit weights dequantized).
   bitsandbytes' 8-bit matmul keeps its input even for a frozen weight. Checkpointing keeps each layer's
   input plus one recomputed layer (8-bit checkpoints reentrantly so that its matmuls' inputs are dropped too);
 * overhead: on a GPU the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation; on the CPU
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from backend.training.chunked_loss import chunked_loss_bytes, config_head_problem
 from backend.training.model_shape import LinearLayer, ModelShape, lora_layers, lora_targets, model_shape
 from backend.training.options import EIGHT_BIT_OPTIMIZERS, TrainingOptions
 
@@ -101,6 +103,9 @@ class MemoryPlan:
     activations_without_checkpointing: int
     recommendation: str | None = None
     recommended_changes: dict[str, Any] = field(default_factory=dict)
+    max_seq_length: int = 0
+    techniques: list[str] = field(default_factory=list)
+    savings: dict[str, int] = field(default_factory=dict)  # bytes each technique in use saves against going without
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data (the API's estimate body uses it)."""
@@ -121,8 +126,11 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
     adapted = lora_layers(shape, lora_targets(options, config)) if options.use_lora else []
     lora_parameters = sum(options.lora_r * (layer.in_features + layer.out_features) for layer in adapted)
     trainable = lora_parameters if options.use_lora else shape.n_parameters
-    with_checkpointing = activation_bytes(options, shape, adapted, device=device, checkpointing=True)
-    without_checkpointing = activation_bytes(options, shape, adapted, device=device, checkpointing=False)
+    chunked = chunked_loss_planned(options, config)
+    with_checkpointing, without_checkpointing = (
+        activation_bytes(options, shape, adapted, device=device, checkpointing=on, chunked_loss=chunked)
+        for on in (True, False)
+    )
     activations = with_checkpointing if options.gradient_checkpointing else without_checkpointing
     weights = weight_bytes(options, shape)
     optimizer = optimizer_state_bytes(options, shape, adapted)
@@ -146,7 +154,38 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         trainable_parameters=trainable,
         activations_with_checkpointing=with_checkpointing,
         activations_without_checkpointing=without_checkpointing,
+        max_seq_length=options.seq_length,
+        techniques=techniques_in_use(options, chunked_loss=chunked),
+        savings=_chunked_loss_savings(options, shape, adapted, device=device) if chunked else {},
     )
+
+
+def chunked_loss_planned(options: TrainingOptions, config: PretrainedConfig) -> bool:
+    """Whether the trainer will use the chunked loss: asked for, a plain head, no DeepSpeed, lm_head not adapted."""
+    adapted_head = options.use_lora and "lm_head" in (options.lora_target_modules or [])
+    plain_head = config_head_problem(config) is None
+    return options.chunked_loss and options.deepspeed is None and not adapted_head and plain_head
+
+
+def techniques_in_use(options: TrainingOptions, *, chunked_loss: bool) -> list[str]:
+    """The memory techniques these options use, by their flags' names."""
+    switches = {
+        "use_lora": options.use_lora, "use_8bit": bool(options.use_8bit), "use_4bit": options.use_4bit,
+        "gradient_checkpointing": bool(options.gradient_checkpointing), "chunked_loss": chunked_loss,
+        "fp16": options.fp16, "bf16": options.bf16, "device_map": options.device_map is not None,
+    }
+    used = [name for name, on in switches.items() if on]
+    return used + ([f"deepspeed_{options.deepspeed}"] if options.deepspeed else [])
+
+
+def _chunked_loss_savings(
+    options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer], *, device: str
+) -> dict[str, int]:
+    """What the chunked loss saves: the plan's activations with the plain loss minus with the chunked one."""
+    checkpointing = bool(options.gradient_checkpointing)
+    plain = activation_bytes(options, shape, adapted, device=device, checkpointing=checkpointing)
+    chunked = activation_bytes(options, shape, adapted, device=device, checkpointing=checkpointing, chunked_loss=True)
+    return {"chunked_loss": plain - chunked}
 
 
 def optimizer_state_bytes(options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer]) -> int:
@@ -207,20 +246,29 @@ def activation_bytes(
     *,
     device: str,
     checkpointing: bool,
+    chunked_loss: bool = False,
 ) -> int:
     """Peak activation memory for one micro-batch, with or without gradient checkpointing."""
     element = compute_bytes(options)
     tokens = _tokens(options)
     layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=tokens)
     outside_layers = tokens * shape.hidden * (element + 4 * 2)  # embedding output, final norm input and output
-    # logits, fp32 log-softmax, its gradient, the logits' gradient and the shifted-slice gradient
-    loss = tokens * shape.vocab * (2 * element + 12)
+    loss = loss_bytes(options, shape, tokens=tokens, chunked_loss=chunked_loss)
     working = _backward_working_bytes(options, shape, device=device, tokens=tokens)
     if checkpointing:
         # each layer's input stays; 8-bit checkpoints reentrantly (modeling.py), so its matmuls' inputs go too
         layer_inputs = shape.layers * tokens * shape.hidden * element
         return layer_inputs + outside_layers + max(loss, layer + working)
     return shape.layers * layer + outside_layers + max(loss, working)
+
+
+def loss_bytes(options: TrainingOptions, shape: ModelShape, *, tokens: int, chunked_loss: bool) -> int:
+    """The loss's working set: one slice of the logits with the chunked loss, else the whole logits and copies."""
+    element = compute_bytes(options)
+    if chunked_loss:
+        return chunked_loss_bytes(tokens, shape.vocab, shape.hidden, element_bytes=element)
+    # logits, fp32 log-softmax, its gradient, the logits' gradient and the shifted-slice gradient
+    return tokens * shape.vocab * (2 * element + 12)
 
 
 def _layer_activation_bytes(
@@ -249,7 +297,7 @@ def _layer_activation_bytes(
     kept = (lora_mask + element) if options.lora_dropout > 0 else element
     lora = sum(kept * layer.in_features + element * options.lora_r for layer in adapted)
     per_token += lora // max(shape.layers, 1)
-    scores = options.per_device_train_batch_size * shape.heads * options.max_seq_length**2
+    scores = options.per_device_train_batch_size * shape.heads * options.seq_length**2
     return tokens * per_token + scores * _score_bytes(options, shape, device=device)
 
 
@@ -267,7 +315,7 @@ def _int8_kept_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
 
 
 def _tokens(options: TrainingOptions) -> int:
-    return options.per_device_train_batch_size * options.max_seq_length
+    return options.per_device_train_batch_size * options.seq_length
 
 
 def _materialized_attention(shape: ModelShape, *, device: str) -> bool:
@@ -297,7 +345,7 @@ def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, devi
     element = compute_bytes(options)
     gradients = tokens * element * (shape.hidden + shape.intermediate)
     if _materialized_attention(shape, device=device):
-        gradients += options.per_device_train_batch_size * shape.heads * options.max_seq_length**2 * element
+        gradients += options.per_device_train_batch_size * shape.heads * options.seq_length**2 * element
     if options.use_8bit or options.use_4bit:
         weights = [layer.in_features * layer.out_features for layer in shape.linears if layer.quantizable]
         gradients += KBIT_STREAM_BYTES * max(weights, default=0)

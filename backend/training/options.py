@@ -20,7 +20,7 @@ API_TRAINING_FIELDS: frozenset[str] = frozenset(
         "use_8bit", "use_4bit", "gradient_checkpointing", "fp16", "bf16", "epochs",
         "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
         "max_seq_length", "warmup_ratio", "weight_decay", "save_steps", "logging_steps", "seed",
-        "packing", "train_on_completions_only", "deepspeed",
+        "packing", "train_on_completions_only", "deepspeed", "chunked_loss",
     }
 )
 
@@ -68,6 +68,9 @@ class TrainingOptions(BaseModel):
     deepspeed: DeepSpeedPreset | None = Field(
         None, description="DeepSpeed ZeRO preset: zero2, zero2-offload, zero3, zero3-offload."
     )
+    chunked_loss: bool = Field(
+        True, description="lm_head and the loss a slice of tokens at a time: the whole logits never exist."
+    )
     optim: OptimizerName = Field(
         "adamw_torch", description="Optimizer: adamw_torch, or bitsandbytes' adamw_8bit / paged_adamw_8bit."
     )
@@ -89,7 +92,9 @@ class TrainingOptions(BaseModel):
         None, description="Peak learning rate; 2e-4 with LoRA, 2e-5 for a full fine-tune when omitted."
     )
     max_steps: int | None = Field(None, description="Stop after this many optimizer steps.")
-    max_seq_length: int = Field(512, description="Tokens per example; longer ones are truncated.")
+    max_seq_length: int | Literal["auto"] = Field(
+        512, description="Tokens per example; longer ones are truncated. 'auto': the longest that fits the budget."
+    )
     warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, description="AdamW weight decay.")
     save_steps: int | None = Field(None, description="Checkpoint every N steps (default: at the end only).")
@@ -108,6 +113,13 @@ class TrainingOptions(BaseModel):
     dry_run: bool = Field(False, description="Print the memory plan and exit without loading weights.")
     memory_budget_gb: float | None = Field(
         None, description="Memory budget for the plan instead of the device's free memory."
+    )
+    plan_device: Literal["cuda", "cpu"] | None = Field(
+        None, description="Plan for this device whatever this machine has (with --memory_budget_gb)."
+    )
+    print_json: bool = Field(
+        False, description="With --dry_run: the plan as one JSON object on the last line of stdout.",
+        json_schema_extra={"flag": "json"},
     )
     max_oom_retries: int = Field(3, description="Times to halve the micro-batch after an out-of-memory.")
     max_divergence_retries: int = Field(2, description="Times to roll back after a NaN/inf loss.")
@@ -136,6 +148,13 @@ class TrainingOptions(BaseModel):
         for problem in find_option_problems(self):
             raise ValueError(problem)
         return self
+
+    @property
+    def seq_length(self) -> int:
+        """--max_seq_length as a number; 'auto' is resolved by the plan (preflight.py) before anything uses it."""
+        if self.max_seq_length == "auto":
+            raise ValueError("--max_seq_length auto is resolved by the memory plan before anything is estimated")
+        return self.max_seq_length
 
     @property
     def effective_batch_size(self) -> int:
@@ -168,7 +187,7 @@ def find_option_problems(options: TrainingOptions) -> list[str]:
         "lora_alpha": options.lora_alpha,
         "per_device_train_batch_size": options.per_device_train_batch_size,
         "gradient_accumulation_steps": options.gradient_accumulation_steps,
-        "max_seq_length": options.max_seq_length,
+        "max_seq_length": 1 if options.max_seq_length == "auto" else options.max_seq_length,
         "logging_steps": options.logging_steps,
         "save_total_limit": options.save_total_limit,
     }
@@ -189,6 +208,8 @@ def find_option_problems(options: TrainingOptions) -> list[str]:
         problems.append(f"--learning_rate must be in (0, 1) (got {options.learning_rate})")
     if options.weight_decay < 0:
         problems.append(f"--weight_decay must not be negative (got {options.weight_decay})")
+    if options.print_json and not options.dry_run:
+        problems.append("--json needs --dry_run: only the plan is printed as JSON")
     if options.memory_budget_gb is not None and options.memory_budget_gb <= 0:
         problems.append(f"--memory_budget_gb must be positive (got {options.memory_budget_gb})")
     if options.max_oom_retries < 0 or options.max_divergence_retries < 0:

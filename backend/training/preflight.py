@@ -62,10 +62,10 @@ def plan_before_loading(options: TrainingOptions, report: Reporter) -> tuple[Tra
     assert_not_base_folder(options.output_dir, source)
     config = load_model_config(source, trust_remote_code=options.trust_remote_code)
     budget_bytes, device = device_budget_bytes(options)
-    options, announcements = apply_safe_defaults(options, config, budget_bytes=budget_bytes)
+    options, announcements = apply_safe_defaults(options, config, budget_bytes=budget_bytes, device=device)
     for note in [*announcements, *check_precision_supported(options)]:
         report.message(note)
-    plan = plan_memory(options, config, budget_bytes=budget_bytes)
+    plan = plan_memory(options, config, budget_bytes=budget_bytes, device=device)
     # The options as resolved (safe defaults applied) ride along: they are what the run really uses.
     report.emit("plan", format_plan(plan), data={**plan.to_dict(), "device": device,
                                                   "options": options.model_dump(mode="json")})
@@ -100,7 +100,7 @@ def _tokenized(path: str | Path, options: TrainingOptions, tokenizer: Any) -> li
     fmt, examples = load_examples(path)
     tokenized = tokenize_examples(
         examples, fmt, tokenizer,
-        max_seq_length=options.max_seq_length,
+        max_seq_length=options.seq_length,
         train_on_completions_only=options.train_on_completions_only,
         packing=options.packing,
     )

@@ -66,6 +66,7 @@ class Attempt:
     peak_memory_bytes: int = 0
     learning_rate: float = 0.0
     forward_model: Any = None  # what the loop calls: the model, or its DDP / DeepSpeed wrapper across ranks
+    loss_head: Any = None  # lm_head for the chunked loss (chunked_loss.py); None: the plain loss on full logits
 
     def __post_init__(self) -> None:
         ranks = self.setup.ranks

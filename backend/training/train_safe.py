@@ -19,6 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_HERE.parents[1]))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -64,12 +65,17 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, info: FieldInfo) -> No
     help_text = info.description or ""
     if info.default not in (None, False):
         help_text += f" (default: {info.default})"
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     flag, kind = f"--{name}", _value_type(info.annotation)
     if kind is bool:
-        parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        short = [f"--{extra['flag']}"] if "flag" in extra else []  # e.g. --json for --print_json
+        parser.add_argument(*short, flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
         if info.annotation is not bool:  # tri-state: unset lets the safe defaults decide, --no_X forces it off
             parser.add_argument(f"--no_{name}", dest=name, action="store_false", default=argparse.SUPPRESS,
                                 help=f"Force --{name} off (no automatic default).")
+        elif info.default is True:  # on by default: --no_X is the way to turn it off
+            parser.add_argument(f"--no_{name}", dest=name, action="store_false", default=argparse.SUPPRESS,
+                                help=f"Turn --{name} off.")
     elif typing.get_origin(kind) is typing.Literal:
         parser.add_argument(flag, choices=typing.get_args(kind), default=argparse.SUPPRESS, help=help_text)
     elif kind in (int, float, str):
@@ -119,7 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a checkpoint
         print("Interrupted without a checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if options.print_json:
+        print(plan_json(result), flush=True)
     return exit_code(result)
+
+
+def plan_json(result: TrainResult) -> str:
+    """--json: the dry run's plan (or why there is none) as one line of JSON."""
+    if result.status != "succeeded":
+        return json.dumps({"fits": False, "error": result.error_code, "message": result.error_message})
+    return json.dumps(result.metrics["plan"], sort_keys=True)
 
 
 def exit_code(result: TrainResult) -> int:

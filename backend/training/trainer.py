@@ -34,6 +34,15 @@ from backend.training.checkpoints import (
     read_trainer_state,
     save_checkpoint,
 )
+from backend.training.chunked_loss import (
+    ChunkedLossUnavailable,
+    chunked_loss_head,
+    final_hidden_states,
+    fused_linear_cross_entropy,
+    loss_backend_reason,
+    select_loss_backend,
+    shift_labels,
+)
 from backend.training.datasets import IGNORE_INDEX, DatasetError, TokenizedExample, collate
 from backend.training.distributed import launched_rank, shard, start_ranks
 from backend.training.events import EventCallback, FailureCode, TrainResult
@@ -129,6 +138,7 @@ def _run_attempt(setup: TrainingSetup) -> TrainResult:
     attempt = Attempt(setup, model, tokenizer, optimizer, scheduler, _trainable_parameters(model))
     attempt.state = _restore(attempt, total_steps)
     _prepare_across_ranks(attempt)
+    attempt.loss_head = _chunked_loss_head(attempt)
     return _train_loop(attempt)
 
 
@@ -201,6 +211,24 @@ def _apply_schedule(scheduler: Any) -> None:
     schedule = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper holds the LambdaLR
     for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas, strict=True):
         group["lr"] = group["initial_lr"] * factor(schedule.last_epoch)
+
+
+def _chunked_loss_head(attempt: Attempt) -> Any:
+    """lm_head for the chunked loss, or None for the plain one (--no_chunked_loss, several ranks, another head)."""
+    options, ranks, report = attempt.setup.options, attempt.setup.ranks, attempt.setup.report
+    if not options.chunked_loss:
+        return None
+    if ranks.world_size > 1 or ranks.deepspeed:
+        # DDP's and DeepSpeed's hooks run only through the wrapper's forward; ZeRO-3 gathers lm_head only inside it
+        report.message("chunked loss off across ranks: the loss goes through the wrapped model's forward")
+        return None
+    try:
+        head = chunked_loss_head(attempt.model)
+    except ChunkedLossUnavailable as reason:
+        report.message(f"chunked loss off, the plain loss on full logits instead: {reason}")
+        return None
+    report.message(f"chunked loss on ({select_loss_backend(attempt.device)}: {loss_backend_reason(attempt.device)})")
+    return head
 
 
 def _prepare_across_ranks(attempt: Attempt) -> None:
@@ -327,6 +355,12 @@ def _summed_loss(attempt: Attempt, batch: dict[str, torch.Tensor]) -> torch.Tens
     """The cross-entropy of one micro-batch, summed over its trained tokens."""
     input_ids = batch["input_ids"].to(attempt.device)
     attention_mask = batch["attention_mask"].to(attempt.device)
+    if attempt.loss_head is not None:
+        # lm_head and the loss a slice of tokens at a time: no B x T x V logits, nor their fp32 copy, ever exist
+        labels = shift_labels(batch["labels"].to(attempt.device))
+        with attempt.autocast():
+            hidden = final_hidden_states(attempt.model, input_ids, attention_mask)
+            return fused_linear_cross_entropy(hidden, attempt.loss_head.weight, labels, attempt.loss_head.bias)
     with attempt.autocast():
         outputs = attempt.forward_model(input_ids=input_ids, attention_mask=attention_mask)
     logits = outputs.logits[:, :-1]

@@ -141,9 +141,23 @@ def test_cublas_workspaces_are_two_per_training_process(monkeypatch: pytest.Monk
 
 def test_logits_dominate_activations_of_a_small_model(config_folders: dict[str, Path]) -> None:
     gpt2 = load_model_config(str(config_folders["gpt2small"]))
-    plan = estimate_memory(_options(use_lora=True, gradient_checkpointing=True, per_device_train_batch_size=8), gpt2)
+    options = _options(use_lora=True, gradient_checkpointing=True, per_device_train_batch_size=8, chunked_loss=False)
+    plan = estimate_memory(options, gpt2)
     tokens = 8 * 512
     assert plan.breakdown.activations > tokens * 50257 * 4 * 3  # fp32 logits, log-softmax and gradients
+
+
+def test_chunked_loss_plans_one_slice_of_the_logits(config_folders: dict[str, Path]) -> None:
+    gpt2 = load_model_config(str(config_folders["gpt2small"]))
+    options = _options(use_lora=True, gradient_checkpointing=True, per_device_train_batch_size=8)
+    plain = estimate_memory(options.model_copy(update={"chunked_loss": False}), gpt2)
+    chunked = estimate_memory(options, gpt2)
+    tokens = 8 * 512
+    # the whole logits' term is gone: what is left of the loss is one 128 MiB slice plus bytes per token
+    assert chunked.breakdown.activations < plain.breakdown.activations - tokens * 50257 * 4 * 3
+    assert chunked.savings["chunked_loss"] == plain.breakdown.activations - chunked.breakdown.activations
+    assert "chunked_loss" in chunked.techniques and "chunked_loss" not in plain.techniques
+    assert "--chunked_loss saves 3.0 GiB" in format_plan(chunked)
 
 
 def test_small_budget_gets_a_recommendation_that_fits(llama7b: PretrainedConfig) -> None:

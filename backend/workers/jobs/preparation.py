@@ -126,7 +126,10 @@ def plan_for_devices(options: TrainingOptions, model_dir: Path, devices: list[De
     budget = max(device.free_bytes for device in devices)
     kind = "cuda" if devices[0].is_gpu else "cpu"
     config = load_model_config(str(model_dir))
-    options, notes = apply_safe_defaults(options, config, budget_bytes=budget, device=kind)
+    try:
+        options, notes = apply_safe_defaults(options, config, budget_bytes=budget, device=kind)
+    except ValueError as error:  # --max_seq_length auto with a budget that fits no context at all
+        raise JobRefused("out_of_memory", str(error), "training.max_seq_length") from None
     plan = plan_memory(options, config, budget_bytes=budget, device=kind)
     if not plan.fits:
         where = devices[0].label if len(devices) == 1 else f"any of {len(devices)} GPUs"
@@ -170,7 +173,7 @@ def token_warnings(options: TrainingOptions, train_path: Path, fmt: DatasetForma
     """Warnings about examples longer than max_seq_length (the trainer truncates them)."""
     tokenizer = cached_tokenizer(options.model)
     examples = first_examples(train_path, TOKEN_STATS_MAX_EXAMPLES)
-    stats = token_length_stats(examples, fmt, tokenizer, max_seq_length=options.max_seq_length)
+    stats = token_length_stats(examples, fmt, tokenizer, max_seq_length=options.seq_length)
     if not stats["n_truncated"]:
         return []
     return [

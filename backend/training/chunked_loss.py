@@ -258,7 +258,7 @@ def config_head_problem(config: Any) -> str | None:
     """Why a model with this config cannot take the chunked loss (from the config alone), or None when it can."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ChunkedLossUnavailable(f"model type {model_type!r} is not one whose head is known to be plain")
+        return f"model type {model_type!r} is not one whose head is known to be plain"
     transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1.0)]
     if transforms:
         return f"the model transforms its logits after lm_head ({', '.join(transforms)})"

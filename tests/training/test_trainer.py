@@ -18,7 +18,9 @@ from backend.training.deepspeed_presets import deepspeed_available
 from backend.training.modeling import check_precision_supported, weight_files_sha256
 from backend.training.options import TrainingOptions
 from backend.training.telemetry import read_telemetry
+from backend.training.tiny_models import build_tokenizer, tiny_config
 from backend.training.trainer import run_training
+from benchmarks.live_tensors import LiveTensorPeak
 
 from .conftest import EventLog
 
@@ -268,3 +270,40 @@ def test_output_inside_the_base_folder_is_refused(tiny_gpt2, events):
 
     assert result.status == "failed" and result.error_code == "invalid_options"
     assert not (tiny_gpt2 / "runs").exists()
+
+
+@pytest.fixture(scope="session")
+def wide_vocab_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny GPT-2 and Llama with a 32,000-token head (the tokenizer uses 512 of them): logits dominate."""
+    root = tmp_path_factory.mktemp("wide-vocab")
+    folders = {}
+    for arch in ("gpt2", "llama"):
+        folder = root / arch
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(tiny_config(arch, 32_000)).save_pretrained(folder)
+        build_tokenizer().save_pretrained(folder)
+        folders[arch] = folder
+    return folders
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_chunked_loss_trains_as_the_plain_loss_with_a_lower_live_peak(wide_vocab_models, tmp_path, make_events, arch):
+    runs: dict[bool, tuple[list[float], float, int, list[str]]] = {}
+    for chunked in (True, False):
+        events = make_events()
+        options = _options(wide_vocab_models[arch], tmp_path / f"chunked-{chunked}", use_lora=True,
+                           chunked_loss=chunked, validation_data=str(BUILTIN_DATASET))
+        with LiveTensorPeak() as live:
+            result = run_training(options, on_event=events)
+        assert result.status == "succeeded", result.error_message
+        said = [event.message for event in events if event.message and "chunked loss" in event.message]
+        runs[chunked] = (_losses(events), result.metrics["eval_loss"], live.peak, said)
+
+    (chunked_losses, chunked_eval, chunked_peak, said), (plain_losses, plain_eval, plain_peak, _) = (
+        runs[True], runs[False]
+    )
+    assert len(chunked_losses) == 3 and chunked_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert chunked_eval == pytest.approx(plain_eval, rel=1e-5)
+    assert chunked_peak < 0.8 * plain_peak  # 2 x 48 tokens x 32,000 fp32 logits and their copies never exist
+    assert said == ["chunked loss on (pytorch: Liger Kernel's fused cross-entropy is Triton, CUDA only "
+                    "(device is cpu))"]

@@ -283,12 +283,20 @@ def chunked_loss_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder body's last hidden states (after the final norm), without computing any logits."""
+def final_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decoder body's last hidden states (after the final norm), without computing any logits.
+
+    Packed blocks (datasets.pack_examples) come with position_ids and no attention_mask."""
     base = _base_causal_lm(model)
     body = getattr(base, base.base_model_prefix)
     # The body alone: lm_head never runs, so no B x T x V tensor exists; no cache, no per-layer outputs kept.
-    outputs = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=False)
+    outputs = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   output_hidden_states=False)
     return outputs.last_hidden_state
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "BUILTIN_DATASET", "CHAT_ROLES", "DATASET_FORMATS",
     "DEFAULT_MAX_LINE_BYTES", "IGNORE_INDEX", "DatasetError", "DatasetFormat", "DatasetSummary", "DatasetValidator",
-    "Segments", "TokenizedExample", "classify_record", "collate", "load_examples", "render_segments",
+    "Segments", "TokenizedExample", "classify_record", "collate", "load_examples", "pack_examples", "render_segments",
     "token_length_stats", "tokenize_examples", "tokenize_segments", "validate_file",
 ]
 
@@ -162,10 +162,15 @@ def _search_segments(full: str, messages: list[dict[str, str]], tokenizer: PreTr
 
 @dataclass
 class TokenizedExample:
-    """Token ids and labels (IGNORE_INDEX where the loss is not taken) of one example or packed block."""
+    """Token ids and labels (IGNORE_INDEX where the loss is not taken) of one example or packed block.
+
+    A packed block also has position ids, restarting at 0 at each example it holds: the model's attention mask
+    is then block-diagonal (transformers builds it from them), so no example attends to another.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
 
 def tokenize_segments(segments: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[bool]]:
@@ -202,10 +207,10 @@ def tokenize_examples(
     train_on_completions_only: bool = False,
     packing: bool = False,
 ) -> list[TokenizedExample]:
-    """Tokenize for causal-LM training: truncate to max_seq_length, or pack into blocks of that length.
+    """Tokenize for causal-LM training: truncate to max_seq_length, then (packing) fill blocks of that length.
 
-    With train_on_completions_only, prompt/user/system tokens get IGNORE_INDEX labels. Examples or blocks
-    left with no trained token (a prompt longer than max_seq_length) are dropped: they would give no loss.
+    With train_on_completions_only, prompt/user/system tokens get IGNORE_INDEX labels. Examples left with no
+    trained token (a prompt longer than max_seq_length) are dropped: they would give no loss.
     """
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be at least 1, got {max_seq_length}")
@@ -213,10 +218,9 @@ def tokenize_examples(
         _labelled(ids, trained, train_on_completions_only)
         for ids, trained in _encoded(examples, fmt, tokenizer)
     ]
-    if packing:
-        return _pack(tokenized, max_seq_length)
     truncated = (TokenizedExample(t.input_ids[:max_seq_length], t.labels[:max_seq_length]) for t in tokenized)
-    return [example for example in truncated if _has_target(example)]
+    kept = [example for example in truncated if _has_target(example)]
+    return pack_examples(kept, max_seq_length) if packing else kept
 
 
 def _encoded(
@@ -241,28 +245,52 @@ def _has_target(example: TokenizedExample) -> bool:
     return any(label != IGNORE_INDEX for label in example.labels[1:])
 
 
-def _pack(tokenized: list[TokenizedExample], block: int) -> list[TokenizedExample]:
-    """Concatenate all examples (each ends in eos) and cut the stream into blocks; the last may be shorter."""
-    ids = [tok for example in tokenized for tok in example.input_ids]
-    labels = [label for example in tokenized for label in example.labels]
-    blocks = (TokenizedExample(ids[i : i + block], labels[i : i + block]) for i in range(0, len(ids), block))
-    return [b for b in blocks if _has_target(b)]
+def pack_examples(examples: list[TokenizedExample], block: int) -> list[TokenizedExample]:
+    """Whole examples, in order, into blocks of at most `block` tokens (an example never spans two blocks).
+
+    Each example's first label is IGNORE_INDEX in its block: the token before it is the previous example's
+    last, and predicting across that boundary is a target no unpacked example has.
+    """
+    blocks: list[TokenizedExample] = []
+    current = TokenizedExample([], [], [])
+    for example in examples:
+        if current.input_ids and len(current.input_ids) + len(example.input_ids) > block:
+            blocks.append(current)
+            current = TokenizedExample([], [], [])
+        current.input_ids += example.input_ids
+        current.labels += [IGNORE_INDEX, *example.labels[1:]]
+        current.position_ids = [*(current.position_ids or []), *range(len(example.input_ids))]
+    if current.input_ids:
+        blocks.append(current)
+    return blocks
 
 
 def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch into input_ids, attention_mask and labels (IGNORE_INDEX on padding) tensors."""
+    """Right-pad a batch into input_ids, attention_mask and labels (IGNORE_INDEX on padding) tensors.
+
+    Packed blocks add position_ids; the padding after a block counts from 0 as a sequence of its own, so it
+    stays out of every example's attention.
+    """
     import torch  # here, not at the top: the API validates uploads without loading torch
 
     width = max(len(example.input_ids) for example in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    packed = any(example.position_ids is not None for example in batch)
+    position_ids = torch.zeros((len(batch), width), dtype=torch.long)
     for row, example in enumerate(batch):
         length = len(example.input_ids)
         input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        positions = example.position_ids if example.position_ids is not None else list(range(length))
+        position_ids[row, :length] = torch.tensor(positions, dtype=torch.long)
+        position_ids[row, length:] = torch.arange(width - length)
+    batch_tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if packed:
+        batch_tensors["position_ids"] = position_ids
+    return batch_tensors
 
 
 def token_length_stats(

@@ -265,6 +265,8 @@ def load_model_and_tokenizer(options: TrainingOptions) -> tuple[Any, Any]:
     model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if options.packing:
+        check_packing_supported(model)
     model = _prepare_for_training(model, options)
     if options.use_lora:
         model = _attach_lora(model, options)
@@ -281,9 +283,52 @@ def _load_base_model(source: str, options: TrainingOptions) -> Any:
         max_memory=_max_memory(options),
         dtype=weights_dtype(options),
         trust_remote_code=options.trust_remote_code,
+        **_attention_implementation(options),
         use_safetensors=True,
         local_files_only=True,
     )
+
+
+def _attention_implementation(options: TrainingOptions) -> dict[str, str]:
+    """Flash-attention 2 for packed half-precision batches on CUDA when installed: packed blocks then run its
+    variable-length kernel (no mask at all); otherwise the default (SDPA with a block-diagonal mask)."""
+    from importlib.util import find_spec
+
+    half = options.bf16 or options.fp16 or options.use_4bit or options.use_8bit
+    if options.packing and half and torch.cuda.is_available() and find_spec("flash_attn") is not None:
+        return {"attn_implementation": "flash_attention_2"}
+    return {}
+
+
+def check_packing_supported(model: Any) -> None:
+    """Refuse --packing for a model whose attention would not keep packed examples apart.
+
+    transformers' `create_causal_mask` turns position ids that restart at 0 into a block-diagonal causal mask
+    (SDPA, eager, flex) or cu_seqlens (flash-attention's varlen path); a model that builds its own mask would let
+    every example attend to the ones before it in the block.
+    """
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    if module is None or not hasattr(module, "create_causal_mask"):
+        raise ModelSourceError(
+            f"--packing needs a model whose attention follows packed position ids (transformers' "
+            f"create_causal_mask); {type(model).__name__} builds its own mask: drop --packing"
+        )
+
+
+def attention_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(attention_mask, position_ids) for the forward of a collated batch.
+
+    Packed blocks pass position ids and no mask: transformers then builds the block-diagonal causal mask from
+    the restarts (it looks for packed sequences only when the 2D mask is absent). Padding needs no mask there:
+    it sits after the block's examples as a sequence of its own.
+    """
+    if "position_ids" in batch:
+        return None, batch["position_ids"].to(device)
+    return batch["attention_mask"].to(device), None
 
 
 def _prepare_for_training(model: Any, options: TrainingOptions) -> Any:

@@ -56,6 +56,7 @@ from backend.training.healing import (
     maybe_inject_oom,
 )
 from backend.training.manifest import save_adapter, write_manifest
+from backend.training.modeling import attention_inputs
 from backend.training.options import TrainingOptions
 from backend.training.preflight import plan_before_loading, refuse_deepspeed_here, setup_data
 from backend.training.reporting import Reporter, final_metrics, log_metrics, mean, progress_bar, summary
@@ -354,15 +355,15 @@ def _backward(attempt: Attempt, loss: torch.Tensor) -> None:
 def _summed_loss(attempt: Attempt, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The cross-entropy of one micro-batch, summed over its trained tokens."""
     input_ids = batch["input_ids"].to(attempt.device)
-    attention_mask = batch["attention_mask"].to(attempt.device)
+    attention_mask, position_ids = attention_inputs(batch, attempt.device)
     if attempt.loss_head is not None:
         # lm_head and the loss a slice of tokens at a time: no B x T x V logits, nor their fp32 copy, ever exist
         labels = shift_labels(batch["labels"].to(attempt.device))
         with attempt.autocast():
-            hidden = final_hidden_states(attempt.model, input_ids, attention_mask)
+            hidden = final_hidden_states(attempt.model, input_ids, attention_mask, position_ids)
             return fused_linear_cross_entropy(hidden, attempt.loss_head.weight, labels, attempt.loss_head.bias)
     with attempt.autocast():
-        outputs = attempt.forward_model(input_ids=input_ids, attention_mask=attention_mask)
+        outputs = attempt.forward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     logits = outputs.logits[:, :-1]
     del outputs  # holds other per-layer outputs when a model returns them; only the logits are needed
     labels = batch["labels"][:, 1:].to(logits.device)

@@ -414,18 +414,24 @@ def test_truncation_and_examples_left_without_targets(tokenizer: PreTrainedToken
     ) == []
 
 
-def test_packing_makes_full_blocks_and_keeps_labels(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_packing_keeps_examples_whole_with_their_labels(tokenizer: PreTrainedTokenizerBase) -> None:
     _, examples = load_examples(BUILTIN_DATASET)
-    single = tokenize_examples(
-        examples, "prompt_completion", tokenizer, max_seq_length=512, train_on_completions_only=True
+    kept = tokenize_examples(
+        examples, "prompt_completion", tokenizer, max_seq_length=128, train_on_completions_only=True
     )
     packed = tokenize_examples(
-        examples, "prompt_completion", tokenizer, max_seq_length=32, train_on_completions_only=True, packing=True
+        examples, "prompt_completion", tokenizer, max_seq_length=128, train_on_completions_only=True, packing=True
     )
-    assert all(len(block.input_ids) == 32 for block in packed[:-1])
-    assert 0 < len(packed[-1].input_ids) <= 32
-    assert [tok for block in packed for tok in block.input_ids] == [tok for ex in single for tok in ex.input_ids]
-    assert [lab for block in packed for lab in block.labels] == [lab for ex in single for lab in ex.labels]
+    assert all(len(block.input_ids) <= 128 for block in packed) and len(packed) < len(kept)
+    # Whole examples in order, each truncated alone; position ids restart at 0 at each one.
+    assert [tok for block in packed for tok in block.input_ids] == [tok for ex in kept for tok in ex.input_ids]
+    assert [pos for block in packed for pos in block.position_ids or []] == [
+        pos for ex in kept for pos in range(len(ex.input_ids))
+    ]
+    # Labels are the examples' own, except each example's first (it would be predicted across the boundary).
+    assert [lab for block in packed for lab in block.labels] == [
+        lab for ex in kept for lab in [IGNORE_INDEX, *ex.labels[1:]]
+    ]
 
 
 def test_collate_pads_on_the_right() -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backend.training import chat_tools
 from backend.training.dataset_validation import (
     CHAT_ROLES,
     DATASET_FORMATS,
@@ -53,16 +54,18 @@ ALPACA_PROMPT_WITH_INPUT = (
 # ---------------------------------------------------------------------------------------------------------
 # Rendering: each example becomes text pieces, each marked trainable or not
 
-Segments = list[tuple[str, bool]]
+# A piece's part in the loss: True a target (completions, assistant turns), False the prompt (trained unless
+# train_on_completions_only), CONTEXT never trained (an assistant turn of weight 0: context, not a target).
+CONTEXT = None
+Segments = list[tuple[str, bool | None]]
 
 
 def render_segments(example: dict[str, Any], fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase) -> Segments:
     """Text pieces of one example and whether each is trained on (completions, assistant turns), eos last."""
-    if fmt == "chat":
-        if getattr(tokenizer, "chat_template", None):
-            segments = _chat_template_segments(example["messages"], tokenizer)
-        else:
-            segments = _bos_segments(tokenizer) + _fallback_chat_segments(example["messages"])
+    if fmt in ("chat", "chat_tools"):
+        segments = _chat_segments(example, tokenizer)
+    elif fmt == "preference":
+        raise DatasetError(None, 'preference lines train with method "dpo" (see preference_data.py), not as text')
     elif fmt == "prompt_completion":
         segments = _bos_segments(tokenizer) + [(example["prompt"], False), (example["completion"], True)]
     elif fmt == "instruction":
@@ -94,31 +97,58 @@ def _bos_segments(tokenizer: PreTrainedTokenizerBase) -> Segments:
     return [(tokenizer.bos_token, False)] if adds_bos else []
 
 
-def _fallback_chat_segments(messages: list[dict[str, str]]) -> Segments:
+def _chat_segments(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Segments:
+    """A conversation through the tokenizer's template (with its tools support), or the plain fallbacks."""
+    messages, tools = chat_tools.conversation(example["messages"], example.get("tools"), example.get("functions"))
+    template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_tools.uses_tools(messages, tools):
+        native = template and chat_tools.renders_tools(
+            _apply_template(tokenizer, messages, generation_prompt=False, tools=tools), messages, tools
+        )
+        if not native:  # the template would drop the tools and calls: render them as plain messages
+            messages, tools = chat_tools.plain_messages(messages, tools), None
+    if template:
+        return _chat_template_segments(messages, tokenizer, tools)
+    return _bos_segments(tokenizer) + _fallback_chat_segments(messages)
+
+
+def _target(message: dict[str, Any]) -> bool | None:
+    """An assistant turn's part in the loss: a target, or CONTEXT where its weight is 0."""
+    return CONTEXT if message.get("weight") == 0 else True
+
+
+def _fallback_chat_segments(messages: list[dict[str, Any]]) -> Segments:
     """The plain template for tokenizers without one: `<|role|>\\ncontent\\n` per message."""
     segments: Segments = []
     for message in messages:
         header = f"<|{message['role']}|>\n"
         if message["role"] == "assistant":
-            segments += [(header, False), (message["content"] + "\n", True)]
+            segments += [(header, False), (message["content"] + "\n", _target(message))]
         else:
             segments.append((header + message["content"] + "\n", False))
     return segments
 
 
 def _apply_template(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
+    shown = [{key: value for key, value in message.items() if key != "weight"} for message in messages]
+    schemas: Any = tools  # JSON schemas; transformers' annotation (a list of dicts or callables) is invariant
     try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        rendered = tokenizer.apply_chat_template(
+            shown, tools=schemas, tokenize=False, add_generation_prompt=generation_prompt
+        )
     except Exception as exc:  # jinja raises its own errors (e.g. "roles must alternate") from the model's template
         raise DatasetError(None, f"the model's chat template refused this conversation: {exc}") from None
     return str(rendered)
 
 
-def _chat_template_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Segments:
+def _chat_template_segments(
+    messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
+) -> Segments:
     """Render through the tokenizer's template; assistant turns are told apart by rendering prefixes."""
-    full = _apply_template(tokenizer, messages, generation_prompt=False)
+    full = _apply_template(tokenizer, messages, generation_prompt=False, tools=tools)
     segments: Segments = []
     done = ""
     for index, message in enumerate(messages):
@@ -126,34 +156,58 @@ def _chat_template_segments(messages: list[dict[str, str]], tokenizer: PreTraine
             continue
         if index == 0:  # templates refuse an empty conversation, so there is no prefix to render
             return _search_segments(full, messages, tokenizer)
-        head = _apply_template(tokenizer, messages[:index], generation_prompt=True)
-        turn = _apply_template(tokenizer, messages[: index + 1], generation_prompt=False)
+        head = _apply_template(tokenizer, messages[:index], generation_prompt=True, tools=tools)
+        turn = _apply_template(tokenizer, messages[: index + 1], generation_prompt=False, tools=tools)
         if not (head.startswith(done) and turn.startswith(head) and full.startswith(turn)):
             # This template rewrites earlier turns (e.g. drops reasoning): find the answers in the full text.
             return _search_segments(full, messages, tokenizer)
-        segments += [(head[len(done) :], False), (turn[len(head) :], True)]
+        segments += [(head[len(done) :], False), (turn[len(head) :], _target(message))]
         done = turn
     segments.append((full[len(done) :], False))
     return segments
 
 
-def _search_segments(full: str, messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Segments:
+def _search_segments(full: str, messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> Segments:
     """Mark each assistant content (and an eos right after it) as trained, found in order in the rendered text."""
     segments: Segments = []
-    cursor = 0
+    cursor = searched = 0  # text up to `cursor` is in segments; the messages so far were found before `searched`
     eos = tokenizer.eos_token or ""
     for message in messages:
-        content = message["content"]
-        found = full.find(content, cursor) if message["role"] == "assistant" and content else -1
-        if found < 0:
+        if message["role"] != "assistant":
+            content = message.get("content") or ""
+            at = full.find(content, searched) if content else -1
+            searched = at + len(content) if at >= 0 else searched  # past it, so a call is not found in a tool list
             continue
-        end = found + len(content)
+        span = _assistant_span(full, message, searched, eos)
+        if span is None:
+            continue
+        found, end = span
         if eos and full.startswith(eos, end):
             end += len(eos)
-        segments += [(full[cursor:found], False), (full[found:end], True)]
-        cursor = end
+        segments += [(full[cursor:found], False), (full[found:end], _target(message))]
+        cursor = searched = end
     segments.append((full[cursor:], False))
     return segments
+
+
+def _assistant_span(full: str, message: dict[str, Any], cursor: int, eos: str) -> tuple[int, int] | None:
+    """Where an assistant turn's content, then its calls, lie in the rendered text after `cursor`.
+
+    A template's call syntax is its own: each call is found by its function's name, and the last one's
+    arguments run to the turn's end (the next eos), the best a search can do without knowing the syntax.
+    """
+    content = message.get("content") or ""
+    names = [call["function"]["name"] for call in message.get("tool_calls", [])]
+    anchor = content or (names[0] if names else "")
+    found = full.find(anchor, cursor) if anchor else -1
+    if found < 0:
+        return None
+    end = found + len(anchor)
+    for name in names if content else names[1:]:
+        at = full.find(name, end)
+        end = at + len(name) if at >= 0 else end
+    turn_end = full.find(eos, end) if names and eos else -1
+    return found, turn_end if turn_end >= 0 else end
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,12 +227,14 @@ class TokenizedExample:
     position_ids: list[int] | None = None
 
 
-def tokenize_segments(segments: Segments, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[bool]]:
-    """Token ids of the joined text and, for each token, whether it falls in a trained piece."""
+def tokenize_segments(
+    segments: Segments, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[bool | None]]:
+    """Token ids of the joined text and, for each token, the part in the loss of the piece it falls in."""
     text = "".join(piece for piece, _ in segments)
     if not tokenizer.is_fast:  # no offsets: tokenize piece by piece
         ids: list[int] = []
-        trained: list[bool] = []
+        trained: list[bool | None] = []
         for piece, is_trained in segments:
             piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             ids += piece_ids
@@ -191,11 +247,13 @@ def tokenize_segments(segments: Segments, tokenizer: PreTrainedTokenizerBase) ->
     return list(encoding["input_ids"]), trained
 
 
-def _token_trained(start: int, end: int, char_trained: list[bool]) -> bool:
-    """A token is trained when any of its characters is (a token may straddle the prompt/answer boundary)."""
+def _token_trained(start: int, end: int, char_trained: list[bool | None]) -> bool | None:
+    """A token is trained when any of its characters is (a token may straddle the prompt/answer boundary);
+    else it is CONTEXT when any of them is, the prompt otherwise."""
     if end <= start:  # trimmed or zero-width offsets: go by the position
-        return start < len(char_trained) and char_trained[start]
-    return any(char_trained[start:end])
+        return char_trained[start] if start < len(char_trained) else False
+    parts = char_trained[start:end]
+    return True if True in parts else CONTEXT if CONTEXT in parts else False
 
 
 def tokenize_examples(
@@ -225,7 +283,7 @@ def tokenize_examples(
 
 def _encoded(
     examples: Iterable[dict[str, Any]], fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase
-) -> Iterable[tuple[list[int], list[bool]]]:
+) -> Iterable[tuple[list[int], list[bool | None]]]:
     for number, example in enumerate(examples, start=1):
         try:
             segments = render_segments(example, fmt, tokenizer)
@@ -234,10 +292,12 @@ def _encoded(
         yield tokenize_segments(segments, tokenizer)
 
 
-def _labelled(ids: list[int], trained: list[bool], completions_only: bool) -> TokenizedExample:
-    if not completions_only:
+def _labelled(ids: list[int], trained: list[bool | None], completions_only: bool) -> TokenizedExample:
+    """Targets are always trained, the prompt unless completions_only, CONTEXT (weight-0 turns) never."""
+    if not completions_only and CONTEXT not in trained:
         return TokenizedExample(ids, list(ids))
-    return TokenizedExample(ids, [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, trained, strict=True)])
+    keep = [part is True or (part is False and not completions_only) for part in trained]
+    return TokenizedExample(ids, [tok if kept else IGNORE_INDEX for tok, kept in zip(ids, keep, strict=True)])
 
 
 def _has_target(example: TokenizedExample) -> bool:

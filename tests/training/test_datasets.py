@@ -469,3 +469,57 @@ def test_the_builtin_dataset_is_learnable(tokenizer: PreTrainedTokenizerBase) ->
         optimizer.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-4:]) / 4 < 0.6 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Message weights: a weight-0 assistant turn is context, never a target
+
+WEIGHTED = chat_line(
+    {"role": "system", "content": "Be brief."}, USER, {"role": "assistant", "content": "Rainy today", "weight": 0},
+    {"role": "user", "content": "And tomorrow?"}, {"role": "assistant", "content": "Sunny", "weight": 1},
+)
+
+
+def weighted_tokenizer(kind: str) -> PreTrainedTokenizerBase:
+    """The tiny tokenizer with its template, with none (plain fallback), or one that sends rendering to searching."""
+    tokenizer = build_tokenizer()
+    if kind == "plain":
+        tokenizer.chat_template = None
+    elif kind == "searched":
+        tokenizer.chat_template = (
+            "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if loop.last %} [end]{% endif %}"
+            + EOS + "\n{% endfor %}"
+        )
+    return tokenizer
+
+
+@pytest.mark.parametrize("completions_only", [False, True])
+@pytest.mark.parametrize("kind", ["template", "plain", "searched"])
+def test_weight_zero_turns_get_no_labels(kind: str, completions_only: bool) -> None:
+    tokenizer = weighted_tokenizer(kind)
+    ids, parts = tokenize_segments(render_segments(WEIGHTED, "chat", tokenizer), tokenizer)
+    context = [tok for tok, part in zip(ids, parts, strict=True) if part is None]
+    assert str(tokenizer.decode(context)).startswith("Rainy today")
+    [example] = tokenize_examples([WEIGHTED], "chat", tokenizer, max_seq_length=512,
+                                  train_on_completions_only=completions_only)
+    assert example.input_ids == ids
+    # Every token of the weight-0 turn is IGNORE_INDEX; the weight-1 turn's tokens are all trained.
+    assert all(label == IGNORE_INDEX for label, part in zip(example.labels, parts, strict=True) if part is None)
+    assert all(label == tok for tok, label, part in zip(ids, example.labels, parts, strict=True) if part is True)
+    trained = trained_text(example, tokenizer)
+    assert "Rainy" not in trained and "Sunny" in trained
+    assert ("And tomorrow?" in trained) is not completions_only  # the prompt is trained unless completions only
+
+
+def test_weights_leave_the_rendered_text_unchanged(tokenizer: PreTrainedTokenizerBase) -> None:
+    unweighted = chat_line(*({k: v for k, v in message.items() if k != "weight"} for message in WEIGHTED["messages"]))
+    text = "".join(piece for piece, _ in render_segments(WEIGHTED, "chat", tokenizer))
+    assert text == tokenizer.apply_chat_template(unweighted["messages"], tokenize=False)
+
+
+def test_a_weight_zero_last_turn_leaves_its_eos_untrained() -> None:
+    plain = weighted_tokenizer("plain")
+    last_context = chat_line(USER, {"role": "assistant", "content": "Sure", "weight": 1}, USER,
+                             {"role": "assistant", "content": "Nope", "weight": 0})
+    [example] = tokenize_examples([last_context], "chat", plain, max_seq_length=512, train_on_completions_only=True)
+    assert trained_text(example, plain) == "Sure\n"

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Stack, start_embedded, wait_for
+from tests.e2e.conftest import START_TIMEOUT, Stack, base_env, free_port, make_huge_model, wait_for
 
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright  # noqa: E402
@@ -79,6 +79,25 @@ class Dashboard:
         page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
 
 
+def start_stack(tmp: Path) -> Stack:
+    """`safetrain up --demo-model` as the end-to-end tests start it, with its inference engine on a port of its own
+    (the default port is shared by every `safetrain up` on the machine, and this one lives for the whole session)."""
+    port = free_port()
+    models_dir = tmp / "models"
+    make_huge_model(models_dir / "huge-llama")
+    env = base_env(tmp / "data", models_dir)
+    env["SAFETRAIN_INFERENCE_PORT"] = str(free_port())
+    stack = Stack("dashboard", f"http://127.0.0.1:{port}", env, models_dir, tmp)
+    up = stack.start("up", "up", "--host", "127.0.0.1", "--port", str(port), "--demo-model")
+
+    def started() -> bool:
+        assert up.poll() is None, f"safetrain up exited {up.returncode}:\n{stack.logs()}"
+        return "Stop with Ctrl-C." in (tmp / "up.log").read_text(errors="replace")
+
+    wait_for(started, START_TIMEOUT, "the banner of safetrain up")
+    return stack
+
+
 @pytest.fixture(scope="session")
 def training_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small learnable prompt/completion dataset."""
@@ -92,7 +111,7 @@ def training_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     """`safetrain up --demo-model` in a temp folder, with keys for two projects."""
-    stack = start_embedded(tmp_path_factory.mktemp("dashboard-stack"))
+    stack = start_stack(tmp_path_factory.mktemp("dashboard-stack"))
     shots = Path(os.environ.get("SAFETRAIN_DASHBOARD_SHOTS") or tmp_path_factory.mktemp("dashboard-shots"))
     shots.mkdir(parents=True, exist_ok=True)
     try:

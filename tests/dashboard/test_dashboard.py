@@ -200,6 +200,8 @@ def test_new_job_from_a_dropped_file_succeeds_with_charts_of_its_real_metrics(
     expect(page.locator(".chart .summary").first).to_contain_text("at step 4")
     expect(page.get_by_text("ckpt-step-4")).to_be_visible()
 
+    expect(page.get_by_role("link", name="Try in Playground")).to_have_attribute(
+        "href", f"#/playground?model={dashboard.job(job_id)['fine_tuned_model'].replace(':', '%3A')}")
     with page.expect_download() as download:
         page.get_by_role("button", name="Download").click()
     assert download.value.suggested_filename.endswith(".zip")
@@ -238,9 +240,32 @@ def test_compare_two_jobs_overlays_their_losses_and_diffs_their_options(
     dashboard.screenshot(page, "compare")
 
 
+def test_playground_streams_the_fine_tuned_model_and_its_base_side_by_side(dashboard: Dashboard,
+                                                                            new_page: NewPage) -> None:
+    tuned = next(job["fine_tuned_model"] for job in dashboard.api("GET", "/v1/fine_tuning/jobs")["data"]
+                 if job["user_provided_suffix"] == "browser")
+    page = new_page()
+    page.goto(f"{dashboard.url}/#/playground?model={tuned}")
+    expect(page.get_by_label("Fine-tuned model")).to_have_value(tuned)
+    expect(page.get_by_label("Base model")).to_have_value("tiny-gpt2")
+    page.get_by_label("Message").fill("Count from 3:")
+    page.get_by_label("Max tokens").fill("4")
+    page.get_by_role("button", name="Send").click()
+    # The engine loads the base on its first request; a random tiny model may well answer in whitespace.
+    page.wait_for_function(
+        """() => [...document.querySelectorAll("main .grid section")].every(
+            (panel) => panel.querySelector("pre").textContent.length > 0 || panel.querySelector(".notice"))""",
+        timeout=150_000,
+    )
+    expect(page.locator("main .grid .notice")).to_have_count(0)
+    dashboard.screenshot(page, "playground")
+
+
 def test_narrow_viewport_has_no_sideways_scroll(dashboard: Dashboard, new_page: NewPage, first_job: str) -> None:
     page = new_page(width=390, height=844)
-    for route in ("#/jobs", f"#/jobs/{first_job}", "#/new", f"#/compare?ids={first_job},{first_job}", "#/files"):
+    routes = ("#/jobs", f"#/jobs/{first_job}", "#/new", f"#/compare?ids={first_job},{first_job}", "#/files",
+              "#/playground")
+    for route in routes:
         page.goto(f"{dashboard.url}/{route}")
         page.wait_for_load_state("networkidle")
         widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")

@@ -190,3 +190,30 @@ export async function listAll(path, { query = {}, signal, max = 100_000 } = {}) 
     after = page.last_id;
   }
 }
+
+/** A streamed chat completion: calls onText(piece) for each content delta until `data: [DONE]`. */
+export async function streamCompletion(body, onText, signal) {
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST", signal, headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }), body: JSON.stringify(body),
+  });
+  if (!response.ok) await parse(response);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+    const blocks = buffer.split("\n\n");
+    buffer = blocks.pop();
+    for (const block of blocks) {
+      const data = block.split("\n").filter((line) => line.startsWith("data:")).map((line) => line.slice(5).trim()).join("");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new ApiError(500, chunk);
+      const piece = chunk.choices?.[0]?.delta?.content;
+      if (piece) onText(piece);
+    }
+  }
+}

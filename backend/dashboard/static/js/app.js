@@ -7,6 +7,7 @@ import { renderFiles } from "./pages/files.js";
 import { renderJob } from "./pages/job.js";
 import { renderJobs } from "./pages/jobs.js";
 import { renderNewJob } from "./pages/new_job.js";
+import { renderPlayground } from "./pages/playground.js";
 
 const main = document.getElementById("main");
 const nav = document.querySelector(".nav");
@@ -19,6 +20,7 @@ const ROUTES = [
   [/^#\/new$/, () => ["jobs", renderNewJob]],
   [/^#\/compare(?:\?(.*))?$/, (match) => ["compare", (root, signal) => renderCompare(root, signal, new URLSearchParams(match[1] || ""))]],
   [/^#\/files$/, () => ["files", renderFiles]],
+  [/^#\/playground(?:\?(.*))?$/, (match) => ["playground", (root, signal) => renderPlayground(root, signal, new URLSearchParams(match[1] || ""))]],
   [/^#\/jobs(?:\?(.*))?$/, (match) => ["jobs", (root, signal) => renderJobs(root, signal, new URLSearchParams(match[1] || ""))]],
 ];
 

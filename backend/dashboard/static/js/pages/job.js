@@ -47,6 +47,7 @@ export function renderJob(root, signal, jobId) {
   const resume = h("button", { type: "button", text: "Resume", disabled: true, onclick: () => act("resume") });
   const cancel = h("button", { type: "button", class: "danger", text: "Cancel", disabled: true, onclick: () => act("cancel") });
   const download = h("button", { type: "button", class: "primary", text: "Download", hidden: true, onclick: () => downloadAdapter() });
+  const tryIt = h("a", { class: "button", text: "Try in Playground", hidden: true });
   const errorSlot = h("div");
   const overview = h("div");
   const planSlot = h("div", null, h("p", { class: "muted small", text: "The plan appears once the worker validated the job." }));
@@ -65,7 +66,7 @@ export function renderJob(root, signal, jobId) {
   root.append(
     h("div", { class: "page-head" }, h("a", { href: "#/jobs", text: "← Jobs" })),
     h("div", { class: "page-head" }, title, statusSlot, h("span", { class: "spacer" }),
-      h("div", { class: "actions" }, pause, resume, cancel, download)),
+      h("div", { class: "actions" }, pause, resume, cancel, tryIt, download)),
     message, errorSlot,
     h("div", { class: "stack" },
       h("div", { class: "panel" }, h("div", { class: "progress", role: "progressbar", "aria-label": "Training progress", "aria-valuemin": 0, "aria-valuemax": 100 }, progressBar), progressText),
@@ -110,6 +111,8 @@ export function renderJob(root, signal, jobId) {
     resume.disabled = job.status !== "paused";
     cancel.disabled = !live;
     download.hidden = !(job.result_files && job.result_files.length);
+    tryIt.hidden = !job.fine_tuned_model;
+    if (job.fine_tuned_model) tryIt.href = `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}`;
     fill(errorSlot, ...(job.error ? [errorNotice(`${job.error.code}: ${job.error.message}`)] : []));
     const step = job.progress?.step || 0;
     const total = job.progress?.total_steps;

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from backend.training.datasets import IGNORE_INDEX, DatasetError, render_segments, tokenize_segments
+from backend.training.datasets import IGNORE_INDEX, DatasetError, DatasetFormat, render_segments, tokenize_segments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,7 +43,7 @@ def _side(record: dict[str, Any], key: str, tokenizer: PreTrainedTokenizerBase) 
                for message in source["messages"]]
     example = {"messages": [*history, *record[key]]}
     example.update({name: source[name] for name in ("tools", "functions") if name in source})
-    fmt = "chat_tools" if any(name in example for name in ("tools", "functions")) else "chat"
+    fmt: DatasetFormat = "chat_tools" if any(name in example for name in ("tools", "functions")) else "chat"
     ids, parts = tokenize_segments(render_segments(example, fmt, tokenizer), tokenizer)
     return ids, [part is True for part in parts]
 

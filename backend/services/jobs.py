@@ -78,10 +78,25 @@ def add_event(*, session: Session, job: Job, message: str, level: str = "info") 
     session.add(JobEvent(job_id=job.id, attempt=job.attempt, level=level, type="message", message=message))
 
 
-def _check_datasets(*, session: Session, project: Project, spec: JobCreateRequest) -> None:
-    _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
+def check_method_fits_file(*, method_type: str, row: File, param: str) -> None:
+    """Refuse a dataset whose format the method does not train on: DPO takes preference lines, supervised the rest."""
+    if row.format is None or (row.format == "preference") == (method_type == "dpo"):
+        return
+    if method_type == "dpo":
+        message = (f'File {row.id} is a "{row.format}" file; method "dpo" trains on preference lines '
+                   '({"input", "preferred_output", "non_preferred_output"}).')
+    else:
+        message = (f'File {row.id} holds preference lines, which train with method "dpo", not '
+                   f'"{method_type}" (its lines are chat, prompt/completion, text or instruction).')
+    raise InvalidRequest(message, param=param, code="invalid_" + param)
+
+
+def _check_datasets(*, session: Session, project: Project, spec: JobCreateRequest, method_type: str) -> None:
+    row = _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
+    check_method_fits_file(method_type=method_type, row=row, param="training_file")
     if spec.validation_file is not None:
-        _dataset_file(session=session, project=project, file_id=spec.validation_file, param="validation_file")
+        row = _dataset_file(session=session, project=project, file_id=spec.validation_file, param="validation_file")
+        check_method_fits_file(method_type=method_type, row=row, param="validation_file")
 
 
 def create_job(
@@ -95,7 +110,7 @@ def create_job(
     resolved = resolve_training(
         hyperparameters=spec.hyperparameters, method=spec.method, training=spec.training, seed=spec.seed
     )
-    _check_datasets(session=session, project=project, spec=spec)
+    _check_datasets(session=session, project=project, spec=spec, method_type=resolved.method["type"])
     if spec.suffix is not None and not _SUFFIX.fullmatch(spec.suffix):
         raise InvalidRequest("suffix must be 1 to 64 letters, digits, '-' or '_'.", param="suffix")
     _check_metadata(spec.metadata)
@@ -105,7 +120,7 @@ def create_job(
                                                          prefix="evaluation.")
     _check_job_quota(session=session, settings=settings, project=project)  # locks the project until the commit
     # Under the lock, the datasets are still there: a delete that raced the checks above has either won or waits.
-    _check_datasets(session=session, project=project, spec=spec)
+    _check_datasets(session=session, project=project, spec=spec, method_type=resolved.method["type"])
     job = Job(
         project_id=project.id,
         model=model.name,

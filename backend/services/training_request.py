@@ -49,6 +49,18 @@ def _pick_hyperparameters(hyperparameters: Any, method: Any) -> tuple[dict[str, 
         if not isinstance(method, dict):
             raise InvalidRequest("method must be an object.", param="method")
         kind = method.get("type", "supervised")
+        if kind == "reinforcement":
+            raise InvalidRequest(
+                'Reinforcement fine-tuning is not supported: it samples the model and scores each answer with '
+                'graders, which safetrain does not run. Use "supervised".',
+                param="method.type",
+            )
+        if kind == "dpo":
+            raise InvalidRequest(
+                'Method "dpo" is not available in this version of safetrain yet (preference files already upload '
+                'and validate); use "supervised".',
+                param="method.type",
+            )
         if kind != "supervised":
             raise InvalidRequest(f"Only supervised fine-tuning is supported (got {kind!r}).", param="method.type")
         unknown = set(method) - {"type", "supervised"}

@@ -161,3 +161,57 @@ def test_storage_quota_is_429(
         "/v1/files", headers=bearer(key_a), files={"file": ("t.jsonl", GOOD_CHAT)}, data={"purpose": "fine-tune"}
     )
     assert response.status_code == 429 and response.json()["error"]["code"] == "quota_exceeded"
+
+
+def _lines(*records: object) -> bytes:
+    import json
+
+    return "".join(json.dumps(record) + "\n" for record in records).encode()
+
+
+def test_sdk_uploads_each_of_openais_chat_shapes_with_its_format(sdk: OpenAI) -> None:
+    from tests.training.test_dataset_validation import LEGACY_LINE, PREFERENCE_LINE, TOOL_LINE, WEIGHTED_LINE
+
+    for content, fmt, count in [
+        (_lines(WEIGHTED_LINE, WEIGHTED_LINE), "chat", 2),
+        (_lines(TOOL_LINE, LEGACY_LINE, WEIGHTED_LINE), "chat_tools", 3),
+        (_lines(PREFERENCE_LINE), "preference", 1),
+    ]:
+        created = sdk.files.create(file=("train.jsonl", io.BytesIO(content)), purpose="fine-tune")
+        extra = created.model_extra or {}
+        assert (created.status, extra["format"], extra["n_examples"]) == ("processed", fmt, count)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("weight", 'Line 2: message 4 "weight" must be 0 or 1 (got 0.5)'),
+        ("arguments", 'Line 2: message 2 tool call 1 "arguments" must be a JSON string naming an object'),
+        ("answer", 'Line 2: message 3 answers tool call "call_9", which no earlier assistant message made'),
+        ("tool", "Line 2: message 2 tool call 1 calls \"get_time\", which is not in the line's \"tools\""),
+        ("mixed", 'Line 2: this line is "preference" but the file is "chat_tools" (from line 1)'),
+        ("nothing", "nothing to train on: every assistant message in the file has weight 0"),
+    ],
+)
+def test_bad_tool_weight_and_preference_lines_are_400_naming_the_line(
+    client: TestClient, key_a: str, settings: Settings, case: str, message: str
+) -> None:
+    from tests.training.test_dataset_validation import CALL, PREFERENCE_LINE, TOOL_LINE, USER, with_messages
+
+    second = {
+        "weight": with_messages(TOOL_LINE, 3, {"role": "assistant", "content": "x", "weight": 0.5}),
+        "arguments": with_messages(TOOL_LINE, 1, {"role": "assistant", "tool_calls": [
+            {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
+        "answer": with_messages(TOOL_LINE, 2, {"role": "tool", "tool_call_id": "call_9", "content": "x"}),
+        "tool": with_messages(TOOL_LINE, 1, {"role": "assistant", "tool_calls": [
+            {**CALL, "function": {"name": "get_time", "arguments": "{}"}}]}),
+        "mixed": PREFERENCE_LINE,
+        "nothing": {"messages": [USER, {"role": "assistant", "content": "x", "weight": 0}]},
+    }[case]
+    first = second if case == "nothing" else TOOL_LINE
+    response = client.post("/v1/files", headers=bearer(key_a), files={"file": ("t.jsonl", _lines(first, second))},
+                           data={"purpose": "fine-tune"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith(message) and error["param"] == "file", error
+    assert _stored_files(settings) == []

@@ -249,3 +249,40 @@ def test_file_in_use_by_an_unfinished_job_cannot_be_deleted(sdk: OpenAI, key_a: 
         sdk.files.delete(file_id)
     sdk.fine_tuning.jobs.cancel(job.id)
     assert sdk.files.delete(file_id).deleted
+
+
+def test_a_jobs_method_must_fit_its_files_format(client: TestClient, key_a: str, upload: Upload) -> None:
+    from backend.db.models import File
+    from backend.services.errors import InvalidRequest
+    from backend.services.jobs import check_method_fits_file
+    from tests.training.test_dataset_validation import PREFERENCE_LINE
+
+    preference = upload(key_a, json.dumps(PREFERENCE_LINE).encode() + b"\n")
+    chat = upload(key_a)
+    assert preference["format"] == "preference"
+    for body, param in [
+        ({"training_file": preference["id"]}, "training_file"),
+        ({"training_file": preference["id"], "method": {"type": "supervised"}}, "training_file"),
+        ({"training_file": chat["id"], "validation_file": preference["id"]}, "validation_file"),
+    ]:
+        response = client.post("/v1/fine_tuning/jobs", headers=bearer(key_a), json={"model": "tiny-gpt2", **body})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and 'train with method "dpo"' in error["message"], error
+    # DPO's side of the rule (the method itself is refused before the files until its trainer lands).
+    with pytest.raises(InvalidRequest) as refused:
+        check_method_fits_file(method_type="dpo", row=File(id=chat["id"], format="chat"), param="training_file")
+    assert refused.value.param == "training_file" and '"chat" file' in str(refused.value)
+    check_method_fits_file(method_type="dpo", row=File(id="f", format="preference"), param="training_file")
+    check_method_fits_file(method_type="supervised", row=File(id="f", format="chat_tools"), param="training_file")
+    assert client.get("/v1/fine_tuning/jobs", headers=bearer(key_a)).json()["data"] == []
+
+
+def test_reinforcement_and_dpo_are_refused_with_a_reason(client: TestClient, key_a: str, upload: Upload) -> None:
+    file_id = upload(key_a)["id"]
+    for kind, reason in [("reinforcement", "graders"), ("dpo", "not available")]:
+        response = client.post("/v1/fine_tuning/jobs", headers=bearer(key_a),
+                               json={"model": "tiny-gpt2", "training_file": file_id, "method": {"type": kind}})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "method.type" and reason in error["message"], error

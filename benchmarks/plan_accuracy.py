@@ -92,27 +92,24 @@ def training_options(setting: dict[str, Any], folder: str, *, batch: int, seq: i
             "max_seq_length": seq,
             "bf16": setting.get("bf16", False),
             "fp16": setting.get("fp16", False),
+            "chunked_loss": setting.get("chunked_loss", True),
         }
     )
 
 
-def train_steps(model: Any, batch: dict[str, Any], steps: int, *, autocast_dtype: Any = None) -> float:
-    """A few optimizer steps as the trainer runs them; returns the last loss."""
+def train_steps(
+    model: Any, batch: dict[str, Any], steps: int, *, autocast_dtype: Any = None, chunked_loss: bool = False
+) -> float:
+    """A few optimizer steps as the trainer runs them (its chunked loss, or the plain one); returns the last loss."""
     import torch
-    import torch.nn.functional as F
 
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_value = float("nan")
     for _ in range(steps):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = outputs.logits[:, :-1]
-        del outputs
-        labels = batch["input_ids"][:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), reduction="sum")
-        loss = loss / labels.numel()
-        del logits
+            loss = _summed_loss(model, batch, chunked_loss=chunked_loss)
+        loss = loss / (batch["input_ids"][:, 1:].numel())
         loss.backward()
         loss_value = float(loss.detach())
         del loss
@@ -121,15 +118,30 @@ def train_steps(model: Any, batch: dict[str, Any], steps: int, *, autocast_dtype
     return loss_value
 
 
+def _summed_loss(model: Any, batch: dict[str, Any], *, chunked_loss: bool) -> Any:
+    """The summed next-token loss: the trainer's chunked one (no whole logits), or the plain one on full logits."""
+    import torch.nn.functional as F
+
+    from backend.training.chunked_loss import causal_lm_summed_loss
+
+    if chunked_loss:
+        return causal_lm_summed_loss(model, batch["input_ids"], batch["attention_mask"], batch["input_ids"])
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = outputs.logits[:, :-1]
+    del outputs
+    labels = batch["input_ids"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), reduction="sum")
+
+
 def live_training_peak(
-    model: Any, batch: dict[str, Any], steps: int, *, autocast_dtype: Any = None
+    model: Any, batch: dict[str, Any], steps: int, *, autocast_dtype: Any = None, chunked_loss: bool = False
 ) -> tuple[int, float]:
     """The weights plus the live-tensor high-water mark of `steps` training steps, and the last loss."""
     from benchmarks.live_tensors import LiveTensorPeak, storage_bytes
 
     weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
     with LiveTensorPeak() as live:
-        loss = train_steps(model, batch, steps, autocast_dtype=autocast_dtype)
+        loss = train_steps(model, batch, steps, autocast_dtype=autocast_dtype, chunked_loss=chunked_loss)
     return weights + live.peak, loss
 
 
@@ -140,6 +152,8 @@ def measure_peak(setting: dict[str, Any], folder: str, *, batch: int, seq: int, 
     import torch
     import transformers  # noqa: F401
 
+    from backend.training.memory import load_model_config
+    from backend.training.memory_estimate import chunked_loss_planned
     from backend.training.modeling import compute_dtype, load_model_and_tokenizer
 
     options = training_options(setting, folder, batch=batch, seq=seq)
@@ -157,10 +171,11 @@ def measure_peak(setting: dict[str, Any], folder: str, *, batch: int, seq: int, 
     model, _tokenizer = load_model_and_tokenizer(options)
     model.train()
     autocast = compute_dtype(options) if options.fp16 or options.bf16 else None
+    chunked = chunked_loss_planned(options, load_model_config(folder))  # the loss the trainer would use
     if cuda:  # CUDA's allocator counts for itself
-        live_bytes, loss = None, train_steps(model, inputs, steps, autocast_dtype=autocast)
+        live_bytes, loss = None, train_steps(model, inputs, steps, autocast_dtype=autocast, chunked_loss=chunked)
     else:
-        live_bytes, loss = live_training_peak(model, inputs, steps, autocast_dtype=autocast)
+        live_bytes, loss = live_training_peak(model, inputs, steps, autocast_dtype=autocast, chunked_loss=chunked)
     measured = (torch.cuda.max_memory_allocated() - baseline) if cuda else _peak_rss(reset_worked) - rss_before
     return {
         "measured_bytes": int(measured),
@@ -248,13 +263,13 @@ def make_model(folder: Path, arch: str) -> str:
     return str(make_tiny_model(folder, **MODEL_SHAPES[arch]))
 
 
-def run(*, arch: str, batch: int, seq: int, steps: int, write: bool) -> int:
+def run(*, arch: str, batch: int, seq: int, steps: int, write: bool, chunked_loss: bool = True) -> int:
     """Measure every setting, print the table, append it to RESULTS.md; 0 when all are within tolerance."""
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model(Path(tmp) / f"{arch}-bench", arch)
-        for setting in SETTINGS:
+        for setting in ({**setting, "chunked_loss": chunked_loss} for setting in SETTINGS):
             measured = measure_in_subprocess(setting, folder, batch=batch, seq=seq, steps=steps)
             plan = estimate(setting, folder, batch=batch, seq=seq, device=measured["device"])
             rows.append((setting, plan, measured))
@@ -280,7 +295,8 @@ def run(*, arch: str, batch: int, seq: int, steps: int, write: bool) -> int:
         append_results(
             "Memory plan accuracy",
             f"### {machine_info()}\n"
-            f"Tiny {arch} ({shape}), micro-batch {batch} × {seq} tokens, {steps} AdamW steps; "
+            f"Tiny {arch} ({shape}), micro-batch {batch} × {seq} tokens, {steps} AdamW steps, "
+            f"{'the chunked loss (the default)' if chunked_loss else 'the plain loss on full logits'}; "
             f"measured with {rows[0][2]['method']} (growth from just before loading) and, on the CPU, as live "
             f"tensors against the estimate less its CPU overhead. Estimate: `estimate_memory` on the config "
             f"alone.\n\n{table}\n\n{summary}\n",
@@ -329,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=512, help="sequence length")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per setting")
     parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--plain-loss", action="store_true", help="train and plan with --no_chunked_loss")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -336,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_peak(request["setting"], request["folder"], batch=request["batch"],
                                       seq=request["seq"], steps=request["steps"])))
         return 0
-    return run(arch=args.arch, batch=args.batch, seq=args.seq, steps=args.steps, write=not args.no_write)
+    return run(arch=args.arch, batch=args.batch, seq=args.seq, steps=args.steps, write=not args.no_write,
+               chunked_loss=not args.plain_loss)
 
 
 if __name__ == "__main__":

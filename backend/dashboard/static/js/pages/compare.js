@@ -16,14 +16,14 @@ export function renderCompare(root, signal, params) {
   }
   const message = h("div", { "aria-live": "polite" });
   const axis = h("select", { name: "x-axis" }, h("option", { value: "step", text: "step" }), h("option", { value: "epoch", text: "epoch" }),
-    h("option", { value: "tokens", text: "tokens (trained tokens spread evenly over the steps)" }));
+    h("option", { value: "tokens", text: "tokens" }));
   const onlyDiff = h("input", { type: "checkbox", checked: true });
   const chart = lineChart({ name: "Loss", xLabel: "step", yFormat: (v) => number(v, 3), emptyText: "Loading the curves…" });
   const diffSlot = h("div");
   const jobs = ids.map((id) => ({ id, job: null, steps: [], epochs: [], losses: [] }));
   root.append(message,
     h("div", { class: "stack" },
-      h("section", { class: "panel" }, h("div", { class: "page-head" }, h("span", { class: "spacer" }), field("X axis", axis)), chart.element),
+      h("section", { class: "panel" }, h("div", { class: "page-head" }, h("span", { class: "spacer" }), field("X axis", axis, "Tokens: a job's trained tokens spread evenly over its steps.")), chart.element),
       h("section", { class: "panel" }, h("div", { class: "page-head" }, h("h2", { text: "Options" }), h("span", { class: "spacer" }),
         checkbox("Only differences", onlyDiff)), diffSlot),
       h("p", null, h("a", { href: "#/compare", text: "Pick other jobs" }))));

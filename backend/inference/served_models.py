@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,9 @@ def unpacked_adapter(settings: Settings, archive: Path, *, job_id: str, file_id:
     folder = (settings.data_dir / SERVING_FOLDER / job_id / file_id).resolve()
     if (folder / "adapter_config.json").is_file():
         return folder
-    temporary = folder.with_name(f".{folder.name}.{os.getpid()}.part")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A folder of its own per unpacking: concurrent first requests (threads of one API, or several APIs) race.
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
     try:
         with zipfile.ZipFile(archive) as zipped:
             for member in zipped.namelist():

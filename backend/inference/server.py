@@ -136,6 +136,8 @@ class Answer:
 
 def create_engine_app(settings: Settings | None = None, *, device: str = "cpu") -> FastAPI:
     """The engine's HTTP app; the models load on first use."""
+    import peft  # noqa: F401 - imported now (seconds), not inside the first adapter request
+
     settings = settings or get_settings()
     engine = Engine(settings, device=device)
     app = FastAPI(title="safetrain inference engine", version="0.1.0")

@@ -216,3 +216,9 @@ def test_deleting_the_result_file_makes_the_model_unavailable(served: Served, tm
     with urllib.request.urlopen(f"{served.engine_url}/v1/models", timeout=10) as answer:
         engine_models = [item["id"] for item in json.load(answer)["data"]]
     assert model not in engine_models, "the engine unloads an adapter whose result file was deleted"
+
+
+def test_a_wrong_key_is_401_before_the_body_is_looked_at(served: Served) -> None:
+    stranger = served.stack.client("sk-not-a-key")
+    with pytest.raises(openai.AuthenticationError):
+        stranger.chat.completions.create(model=served.model, messages=[], max_tokens=-1)

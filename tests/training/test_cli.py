@@ -196,3 +196,82 @@ def test_safetrain_train_passes_every_flag_to_train_safe(tiny_gpt2, tmp_path, ca
     assert "--use_4bit" in capsys.readouterr().err
     code = safetrain_main(["train", "--", "--model", str(tiny_gpt2), "--output_dir", str(tmp_path / "o"), "--dry_run"])
     assert code == EXIT_OK and "Memory plan" in capsys.readouterr().out
+
+
+QLORA_8B_FLAGS = [
+    "--use_lora", "--use_4bit", "--lora_r", "32", "--lora_dropout", "0",
+    "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "--bf16", "--gradient_checkpointing", "--per_device_train_batch_size", "1", "--plan_device", "cuda",
+]
+
+
+@pytest.fixture
+def llama_8b_config(tmp_path: Path) -> Path:
+    """A Llama-3.1-8B-shaped model as a lone config.json: enough to plan, nothing to load."""
+    from benchmarks.context_planning import LLAMA_31_8B
+
+    folder = tmp_path / "llama-3.1-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    return folder
+
+
+def _plan_json(capsys: pytest.CaptureFixture[str]) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_json_dry_run_plans_the_longest_gpu_context_from_a_config_alone(llama_8b_config, tmp_path, capsys):
+    from backend.training.memory import GIB, estimate_memory, load_model_config
+
+    code = train_safe.main(["--model", str(llama_8b_config), "--output_dir", str(tmp_path / "out"), *QLORA_8B_FLAGS,
+                            "--memory_budget_gb", "24", "--max_seq_length", "auto", "--dry_run", "--json"])
+
+    plan = _plan_json(capsys)
+    assert code == EXIT_OK and plan["device"] == "cuda" and plan["budget_bytes"] == 24 * GIB and plan["fits"]
+    assert plan["estimate_bytes"] == sum(plan["breakdown"].values()) <= 24 * GIB
+    assert {"use_4bit", "gradient_checkpointing", "chunked_loss", "bf16"} <= set(plan["techniques"])
+    assert plan["savings"]["chunked_loss"] > 30 * GIB  # the whole fp32 logits of 26k tokens x 128,256 and copies
+    config = load_model_config(str(llama_8b_config))
+    one_more = train_safe.parse_options(["--model", str(llama_8b_config), *QLORA_8B_FLAGS, "--max_seq_length",
+                                         str(plan["max_seq_length"] + 1)])
+    assert estimate_memory(one_more, config, device="cuda").estimate_bytes > 24 * GIB  # the longest that fits
+    assert plan["max_seq_length"] > 4 * 6_298  # the plain loss's longest at 24 GiB (issue 11)
+
+
+def test_max_seq_length_auto_with_a_budget_that_fits_nothing_names_the_smallest(llama_8b_config, tmp_path, capsys):
+    code = train_safe.main(["--model", str(llama_8b_config), "--output_dir", str(tmp_path / "out"), *QLORA_8B_FLAGS,
+                            "--memory_budget_gb", "8", "--max_seq_length", "auto", "--dry_run", "--json"])
+
+    answer = _plan_json(capsys)
+    assert code == EXIT_BAD_OPTIONS and answer["fits"] is False and answer["error"] == "invalid_options"
+    assert "--max_seq_length auto" in answer["message"] and "--memory_budget_gb 8.00" in answer["message"]
+    assert "the smallest budget that fits is 9.73 GiB" in answer["message"]
+
+
+def test_no_chunked_loss_plans_the_whole_logits(tiny_gpt2, tmp_path, capsys):
+    flags = ["--model", str(tiny_gpt2), "--output_dir", str(tmp_path / "out"), "--use_lora", "--dry_run", "--json",
+             "--max_seq_length", "256", "--memory_budget_gb", "4"]
+    assert train_safe.main(flags) == EXIT_OK
+    chunked = _plan_json(capsys)
+    assert train_safe.main([*flags, "--no_chunked_loss"]) == EXIT_OK
+    plain = _plan_json(capsys)
+
+    assert "chunked_loss" in chunked["techniques"] and "chunked_loss" not in plain["techniques"]
+    assert plain["estimate_bytes"] - chunked["estimate_bytes"] >= chunked["savings"]["chunked_loss"] > 0
+    assert not plain["savings"] and chunked["max_seq_length"] == plain["max_seq_length"] == 256
+
+
+def test_json_without_dry_run_and_a_gpu_plan_without_a_budget_are_refused(tiny_gpt2, tmp_path, capsys):
+    assert train_safe.main(["--model", str(tiny_gpt2), "--output_dir", str(tmp_path / "o"), "--json"]) == 2
+    assert "--json needs --dry_run" in capsys.readouterr().err
+    if not torch_cuda_available():
+        code = train_safe.main(["--model", str(tiny_gpt2), "--output_dir", str(tmp_path / "o"), "--dry_run",
+                                "--plan_device", "cuda"])
+        assert code == EXIT_BAD_OPTIONS
+        assert "--plan_device cuda on a machine without a GPU needs --memory_budget_gb" in capsys.readouterr().err
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

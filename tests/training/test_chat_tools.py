@@ -126,3 +126,22 @@ def test_a_template_rewriting_earlier_turns_finds_the_calls_by_searching() -> No
     assert trained_pieces(example, rewriting) == [
         'get_weather", "arguments": {"city": "Paris"}}</tool_call>' + EOS, "Sunny.",
     ]
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_tool_use_file_with_weights_trains(tiny_gpt2: Any, tmp_path: Any, events: Any) -> None:
+    from backend.training.options import TrainingOptions
+    from backend.training.trainer import run_training
+    from tests.training.test_dataset_validation import WEIGHTED_LINE
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in [TOOL_LINE, LEGACY_LINE, WEIGHTED_LINE] * 4))
+    options = TrainingOptions(
+        model=str(tiny_gpt2), data=str(data), output_dir=str(tmp_path / "out"), max_steps=3, max_seq_length=256,
+        per_device_train_batch_size=2, logging_steps=1, learning_rate=1e-3, use_lora=True, use_8bit=False,
+        train_on_completions_only=True,
+    )
+    result = run_training(options, on_event=events)
+    assert result.status == "succeeded", events.warnings()
+    losses = [metrics["train_loss"] for metrics in events.metrics()]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)

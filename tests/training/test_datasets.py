@@ -523,3 +523,20 @@ def test_a_weight_zero_last_turn_leaves_its_eos_untrained() -> None:
                              {"role": "assistant", "content": "Nope", "weight": 0})
     [example] = tokenize_examples([last_context], "chat", plain, max_seq_length=512, train_on_completions_only=True)
     assert trained_text(example, plain) == "Sure\n"
+
+
+def test_weight_zero_tokens_get_no_gradient(tokenizer: PreTrainedTokenizerBase) -> None:
+    ids, parts = tokenize_segments(render_segments(WEIGHTED, "chat", tokenizer), tokenizer)
+    [example] = tokenize_examples([WEIGHTED], "chat", tokenizer, max_seq_length=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer)))
+    outputs = model(**collate([example], tokenizer.pad_token_id))
+    outputs.logits.retain_grad()
+    outputs.loss.backward()
+    # Token t is predicted from position t - 1: its loss's gradient reaches the logits there, or nowhere.
+    gradient_norms = outputs.logits.grad[0].norm(dim=-1)
+    context = [t for t in range(1, len(ids)) if parts[t] is None]
+    targets = [t for t in range(1, len(ids)) if parts[t] is True]
+    assert context and targets
+    assert all(gradient_norms[t - 1] == 0 for t in context)
+    assert all(gradient_norms[t - 1] > 0 for t in targets)

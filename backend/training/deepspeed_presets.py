@@ -114,14 +114,19 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-def _accelerate_executable() -> str:
+def accelerate_executable() -> str:
     """The `accelerate` script next to this Python (the venv's), else whichever is on PATH."""
     beside = Path(sys.executable).parent / ("accelerate.exe" if sys.platform == "win32" else "accelerate")
     return str(beside) if beside.exists() else (shutil.which("accelerate") or "accelerate")
 
 
 def accelerate_launch_command(
-    preset: str, train_args: list[str], num_processes: int, *, config_dir: str | Path | None = None
+    preset: str,
+    train_args: list[str],
+    num_processes: int,
+    *,
+    config_dir: str | Path | None = None,
+    machine_flags: list[str] | None = None,
 ) -> list[str]:
     """The `accelerate launch --use_deepspeed ...` command running train_safe.py with `train_args`.
 
@@ -135,15 +140,14 @@ def accelerate_launch_command(
     config_file = write_deepspeed_config(preset, folder)
     precision = "bf16" if "--bf16" in train_args else "fp16" if "--fp16" in train_args else "no"
     return [
-        _accelerate_executable(),
+        accelerate_executable(),
         "launch",
         "--use_deepspeed",
         "--deepspeed_config_file",
         str(config_file),
         "--num_processes",
         str(num_processes),
-        "--num_machines",
-        "1",
+        *(machine_flags or ["--num_machines", "1"]),  # distributed.machine_flags for a multi-node run
         "--mixed_precision",
         precision,
         str(TRAIN_SAFE_PATH),

@@ -158,6 +158,38 @@ class AcceleratedRanks(Ranks):
         self.accelerator.end_training()
 
 
+def machine_flags(options: TrainingOptions) -> list[str]:
+    """`accelerate launch`'s multi-node flags, as --num_machines/--machine_rank/--main_process_ip/_port say."""
+    flags = ["--num_machines", str(options.num_machines), "--machine_rank", str(options.machine_rank)]
+    if options.main_process_ip is not None:
+        flags += ["--main_process_ip", options.main_process_ip]
+    if options.main_process_port is not None:
+        flags += ["--main_process_port", str(options.main_process_port)]
+    return flags
+
+
+def multi_node_launch_command(options: TrainingOptions, train_args: list[str]) -> list[str]:
+    """The `accelerate launch` command that starts this machine's ranks of a multi-node run of train_safe.py.
+
+    Each machine runs one rank per GPU (one rank on a machine without GPUs, over gloo); every machine runs the
+    same command with its own --machine_rank, and machine 0's address and port join them (torch.distributed's
+    static rendezvous). With --deepspeed the preset's config goes along, as on one machine.
+    """
+    from backend.training.deepspeed_presets import TRAIN_SAFE_PATH, accelerate_executable, accelerate_launch_command
+
+    per_machine = max(torch.cuda.device_count(), 1)
+    total = per_machine * options.num_machines
+    if options.deepspeed:
+        return accelerate_launch_command(options.deepspeed, train_args, total, machine_flags=machine_flags(options))
+    precision = "bf16" if options.bf16 else "fp16" if options.fp16 else "no"
+    # --multi_gpu picks accelerate's torch.distributed launcher, which also runs CPU ranks (the trainer's
+    # Accelerator then uses gloo); its --cpu mode would start CPU ranks only through MPI.
+    return [
+        accelerate_executable(), "launch", "--multi_gpu", "--num_processes", str(total), *machine_flags(options),
+        "--mixed_precision", precision, "--dynamo_backend", "no", str(TRAIN_SAFE_PATH), *train_args,
+    ]
+
+
 def start_ranks(options: TrainingOptions, *, micro_batch_size: int, gradient_accumulation_steps: int) -> Ranks:
     """This process alone, or (under `accelerate launch`) an Accelerator over all the launched ranks."""
     if launched_world_size() <= 1:

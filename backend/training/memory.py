@@ -6,6 +6,7 @@ Both keep their public names importable from here.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +147,7 @@ def plan_memory(
     options, _messages = resolve_auto_seq_length(options, config, budget_bytes=budget_bytes, device=device)
     plan = estimate_memory(options, config, device=device)
     plan.budget_bytes = budget_bytes
-    plan.fits = plan.estimate_bytes <= budget_bytes
+    plan.fits = plan.estimate_bytes <= budget_bytes and host_fits(plan)
     if plan.fits:
         return plan
     changes = cheapest_fitting_changes(options, config, budget_bytes=budget_bytes, device=plan.device)
@@ -177,7 +178,8 @@ def cheapest_fitting_changes(
 
 
 def _memory_saving_steps(options: TrainingOptions, *, device: str, budget_bytes: int) -> list[dict[str, Any]]:
-    """Changes from cheapest to most drastic: chunked loss, checkpointing, micro-batch, LoRA, 8-bit, 4-bit, offload."""
+    """Changes from cheapest to most drastic: chunked loss, checkpointing, micro-batch, activation offload (GPU),
+    8-bit optimizer states, LoRA, 8-bit, 4-bit, weight offload."""
     steps: list[dict[str, Any]] = []
     if not options.chunked_loss and options.deepspeed is None:  # the same loss, only never the whole logits
         steps.append({"chunked_loss": True})
@@ -188,6 +190,10 @@ def _memory_saving_steps(options: TrainingOptions, *, device: str, budget_bytes:
         if micro_batch < options.per_device_train_batch_size and effective % micro_batch == 0:
             steps.append({"per_device_train_batch_size": micro_batch,
                           "gradient_accumulation_steps": effective // micro_batch})
+    if device.startswith("cuda") and not options.offload_activations:  # the same training, slower by the copies
+        steps.append({"gradient_checkpointing": True, "offload_activations": True})
+    if not options.use_lora and options.optim == "adamw_torch" and importlib.util.find_spec("bitsandbytes"):
+        steps.append({"optim": "adamw_8bit"})
     if not options.use_lora:
         steps.append({"use_lora": True})
     if options.deepspeed is None:
@@ -228,7 +234,13 @@ def _fits(options: TrainingOptions, changes: dict[str, Any], target: _Target) ->
         return False
     if changed.device_map == "auto" and target.device.startswith("cuda"):
         return _fits_with_offload(changed, target)
-    return estimate_memory(changed, target.config, device=target.device).estimate_bytes <= target.budget_bytes
+    plan = estimate_memory(changed, target.config, device=target.device)
+    return plan.estimate_bytes <= target.budget_bytes and host_fits(plan)
+
+
+def host_fits(plan: MemoryPlan) -> bool:
+    """Whether what the plan puts in host RAM (offloaded activations) fits the host's available memory."""
+    return plan.host_bytes <= psutil.virtual_memory().available
 
 
 def _fits_with_offload(options: TrainingOptions, target: _Target) -> bool:

@@ -56,6 +56,8 @@ CUBLAS_HANDLES_IN_TRAINING = 2
 # The CUDA caching allocator's fragmentation, as a share of everything else.
 CUDA_ALLOCATOR_SLACK = 0.05
 NF4_BLOCK = 64
+# --offload_activations: layer inputs on the device in the backward (the one recomputed, the next one prefetched)
+OFFLOAD_LAYERS_ON_DEVICE = 2
 # bitsandbytes' 8-bit optimizers: states quantized in blocks of this many, tensors below the minimum kept fp32
 BNB_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
@@ -106,6 +108,7 @@ class MemoryPlan:
     max_seq_length: int = 0
     techniques: list[str] = field(default_factory=list)
     savings: dict[str, int] = field(default_factory=dict)  # bytes each technique in use saves against going without
+    host_bytes: int = 0  # host RAM the plan puts there (--offload_activations on a GPU), checked against the host's
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data (the API's estimate body uses it)."""
@@ -127,8 +130,10 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
     lora_parameters = sum(options.lora_r * (layer.in_features + layer.out_features) for layer in adapted)
     trainable = lora_parameters if options.use_lora else shape.n_parameters
     chunked = chunked_loss_planned(options, config)
+    offload = offloads_activations(options, device)
     with_checkpointing, without_checkpointing = (
-        activation_bytes(options, shape, adapted, device=device, checkpointing=on, chunked_loss=chunked)
+        activation_bytes(options, shape, adapted, device=device, checkpointing=on, chunked_loss=chunked,
+                         offload=offload and on)
         for on in (True, False)
     )
     activations = with_checkpointing if options.gradient_checkpointing else without_checkpointing
@@ -156,8 +161,29 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         activations_without_checkpointing=without_checkpointing,
         max_seq_length=options.seq_length,
         techniques=techniques_in_use(options, chunked_loss=chunked),
-        savings=_chunked_loss_savings(options, shape, adapted, device=device) if chunked else {},
+        savings={**(_chunked_loss_savings(options, shape, adapted, device=device) if chunked else {}),
+                 **_offload_savings(options, shape, device=device)},
+        host_bytes=checkpoint_input_bytes(options, shape) if offload else 0,
     )
+
+
+def offloads_activations(options: TrainingOptions, device: str) -> bool:
+    """Whether the checkpointed layers' inputs leave the device: --offload_activations on a GPU (on the CPU the
+    host is the device, so they stay in the plan's activations)."""
+    return options.offload_activations and bool(options.gradient_checkpointing) and device.startswith("cuda")
+
+
+def checkpoint_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
+    """Every layer's input, which gradient checkpointing keeps for the recompute (layers x tokens x hidden)."""
+    return shape.layers * _tokens(options) * shape.hidden * compute_bytes(options)
+
+
+def _offload_savings(options: TrainingOptions, shape: ModelShape, *, device: str) -> dict[str, int]:
+    """Device bytes --offload_activations frees: all layers' inputs but the one recomputed and the one prefetched."""
+    if not offloads_activations(options, device):
+        return {}
+    kept = min(OFFLOAD_LAYERS_ON_DEVICE, shape.layers) * _tokens(options) * shape.hidden * compute_bytes(options)
+    return {"offload_activations": checkpoint_input_bytes(options, shape) - kept}
 
 
 def chunked_loss_planned(options: TrainingOptions, config: PretrainedConfig) -> bool:
@@ -173,8 +199,9 @@ def techniques_in_use(options: TrainingOptions, *, chunked_loss: bool) -> list[s
         "use_lora": options.use_lora, "use_8bit": bool(options.use_8bit), "use_4bit": options.use_4bit,
         "gradient_checkpointing": bool(options.gradient_checkpointing), "chunked_loss": chunked_loss,
         "fp16": options.fp16, "bf16": options.bf16, "device_map": options.device_map is not None,
+        "offload_activations": options.offload_activations and bool(options.gradient_checkpointing),
     }
-    used = [name for name, on in switches.items() if on]
+    used = [name for name, on in switches.items() if on] + ([options.optim] if options.optim != "adamw_torch" else [])
     return used + ([f"deepspeed_{options.deepspeed}"] if options.deepspeed else [])
 
 
@@ -247,8 +274,9 @@ def activation_bytes(
     device: str,
     checkpointing: bool,
     chunked_loss: bool = False,
+    offload: bool = False,
 ) -> int:
-    """Peak activation memory for one micro-batch, with or without gradient checkpointing."""
+    """Peak activation memory for one micro-batch, with or without gradient checkpointing (and its offload)."""
     element = compute_bytes(options)
     tokens = _tokens(options)
     layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=tokens)
@@ -257,7 +285,9 @@ def activation_bytes(
     working = _backward_working_bytes(options, shape, device=device, tokens=tokens)
     if checkpointing:
         # each layer's input stays; 8-bit checkpoints reentrantly (modeling.py), so its matmuls' inputs go too
-        layer_inputs = shape.layers * tokens * shape.hidden * element
+        # (with offload only the layer being recomputed and the next one, already fetched, are on the device)
+        kept = min(OFFLOAD_LAYERS_ON_DEVICE, shape.layers) if offload else shape.layers
+        layer_inputs = kept * tokens * shape.hidden * element
         return layer_inputs + outside_layers + max(loss, layer + working)
     return shape.layers * layer + outside_layers + max(loss, working)
 

@@ -268,6 +268,10 @@ def load_model_and_tokenizer(options: TrainingOptions) -> tuple[Any, Any]:
     if options.packing:
         check_packing_supported(model)
     model = _prepare_for_training(model, options)
+    if options.offload_activations:
+        from backend.training.offload import offload_checkpointed_activations
+
+        offload_checkpointed_activations(model)  # each layer's checkpoint function now keeps its input on the host
     if options.use_lora:
         model = _attach_lora(model, options)
     return model, tokenizer

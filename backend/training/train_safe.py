@@ -115,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_options(args)
     except SystemExit as exit_request:  # argparse's errors and --help, and refused options
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_BAD_OPTIONS
+    if options.num_machines > 1 and not _already_launched():
+        return _relaunch_multi_node(options, args)
     if options.deepspeed and _can_launch_deepspeed():
         return _relaunch_under_accelerate(options.deepspeed, args)
     from backend.training.trainer import run_training  # torch loads only once the flags are known to be sane
@@ -187,6 +189,19 @@ def _can_launch_deepspeed() -> bool:
     return deepspeed_available() and torch.cuda.device_count() > 1
 
 
+def _already_launched() -> bool:
+    """One of the ranks `accelerate launch` (ours, or the user's own) started."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _relaunch_multi_node(options: TrainingOptions, args: list[str]) -> int:
+    from backend.training.distributed import multi_node_launch_command
+
+    command = multi_node_launch_command(options, args)
+    print(f"Launching machine {options.machine_rank} of {options.num_machines}:", " ".join(command), flush=True)
+    return _run_launcher(command)
+
+
 def _relaunch_under_accelerate(preset: str, args: list[str]) -> int:
     import torch
 
@@ -194,6 +209,10 @@ def _relaunch_under_accelerate(preset: str, args: list[str]) -> int:
 
     command = accelerate_launch_command(preset, args, torch.cuda.device_count())
     print("Launching under DeepSpeed:", " ".join(command), flush=True)
+    return _run_launcher(command)
+
+
+def _run_launcher(command: list[str]) -> int:
     launcher = subprocess.Popen(command)
     # A cancel (SIGTERM) sent to this process goes on to the launcher, which passes it to every rank; Ctrl-C
     # reaches the ranks straight from the terminal, so this process only waits for them.

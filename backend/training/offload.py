@@ -1,0 +1,127 @@
+"""--offload_activations: each checkpointed layer's saved input waits for the backward in host memory.
+
+With gradient checkpointing a layer keeps only its input (layers x tokens x hidden in all), which is what is
+left of the activations at long context. `ActivationOffloader` wraps each layer's checkpoint function in
+`torch.autograd.graph.saved_tensors_hooks`: the tensors the checkpoint saves for its recompute (the layer's
+inputs; the layer's own tensors are the checkpoint's business, under its inner hooks) are packed into host
+memory and unpacked back for the recompute.
+
+On CUDA the copies go to pinned memory on a side stream, so the forward does not wait for them, and the
+backward fetches the input of the layer it will recompute next while the current one runs. On the CPU the
+tensors already live in host memory: the same path runs (a host copy is made and the original freed), which
+is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(eq=False)
+class _Offloaded:
+    """One saved tensor's host copy, and its device copy once fetched for the backward."""
+
+    host: torch.Tensor
+    device: torch.device
+    copied: torch.cuda.Event | None = None  # the device-to-host copy (CUDA)
+    fetched: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # the host-to-device copy (CUDA)
+
+
+class ActivationOffloader:
+    """Saved-tensor hooks that hold checkpoint inputs in host memory; one per model."""
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        # Forward order, weakly: the autograd graph owns the entries, so a freed graph frees its host copies.
+        self._order: list[weakref.ref[_Offloaded]] = []
+        # A tensor handed to every layer (rotary cos/sin, a packed 4D mask) is copied once per forward.
+        self._by_tensor: weakref.WeakValueDictionary[tuple[Any, ...], _Offloaded] = weakref.WeakValueDictionary()
+        self.offloaded_bytes = 0  # host bytes packed so far (what the plan's host term counts), for the tests
+
+    def wrap(self, checkpoint_function: Callable[..., Any]) -> Callable[..., Any]:
+        """The checkpoint function with this offloader's hooks around it."""
+
+        def offloaded_checkpoint(*args: Any, **kwargs: Any) -> Any:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                return checkpoint_function(*args, **kwargs)
+
+        return offloaded_checkpoint
+
+    def pack(self, tensor: torch.Tensor) -> _Offloaded:
+        """Copy a saved tensor to host memory (async on CUDA); the device copy is freed with the caller's."""
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device, tensor._version)
+        shared = self._by_tensor.get(key)
+        if shared is not None:
+            return shared
+        entry = self._copy_to_host(tensor)
+        self._by_tensor[key] = entry
+        self._order = [ref for ref in self._order if ref() is not None]
+        self._order.append(weakref.ref(entry))
+        self.offloaded_bytes += tensor.numel() * tensor.element_size()
+        return entry
+
+    def unpack(self, entry: _Offloaded) -> torch.Tensor:
+        """The tensor back on its device for the recompute; the next layer's input starts coming meanwhile."""
+        if self.stream is None or entry.device.type != "cuda":
+            return entry.host
+        self._fetch(entry)
+        self._prefetch_before(entry)
+        assert entry.ready is not None and entry.fetched is not None
+        torch.cuda.current_stream().wait_event(entry.ready)
+        fetched = entry.fetched
+        fetched.record_stream(torch.cuda.current_stream())  # made on the side stream, used on this one
+        entry.fetched = None  # the graph's recompute holds it now; a second unpack fetches again
+        return fetched
+
+    def _copy_to_host(self, tensor: torch.Tensor) -> _Offloaded:
+        if self.stream is None or tensor.device.type != "cuda":
+            host = torch.empty_like(tensor, device="cpu")
+            host.copy_(tensor.detach())
+            return _Offloaded(host, tensor.device)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is complete before it is copied
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor.detach(), non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        tensor.record_stream(self.stream)  # its memory is not reused until the copy has read it
+        return _Offloaded(host, tensor.device, copied=copied)
+
+    def _fetch(self, entry: _Offloaded) -> None:
+        if entry.fetched is not None or self.stream is None:
+            return
+        with torch.cuda.stream(self.stream):
+            if entry.copied is not None:
+                self.stream.wait_event(entry.copied)
+            entry.fetched = entry.host.to(entry.device, non_blocking=True)
+            entry.ready = torch.cuda.Event()
+            entry.ready.record(self.stream)
+
+    def _prefetch_before(self, entry: _Offloaded) -> None:
+        """Start fetching the tensor packed just before this one: the backward recomputes layers last to first."""
+        live = [ref() for ref in self._order]
+        if entry in live:
+            index = live.index(entry)
+            previous = live[index - 1] if index > 0 else None
+            if previous is not None:
+                self._fetch(previous)
+
+
+def offload_checkpointed_activations(model: torch.nn.Module) -> ActivationOffloader:
+    """Wrap every checkpointed layer's checkpoint function of `model` with one offloader's hooks."""
+    offloader = ActivationOffloader()
+    wrapped = 0
+    for module in model.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and function is not None:
+            setattr(module, "_gradient_checkpointing_func", offloader.wrap(function))  # noqa: B010 (not a Module)
+            wrapped += 1
+    if wrapped == 0:
+        raise ValueError("--offload_activations found no checkpointed layer: it needs --gradient_checkpointing")
+    return offloader

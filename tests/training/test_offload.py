@@ -1,0 +1,156 @@
+"""--offload_activations: checkpointed layers' inputs held in host memory through saved-tensor hooks.
+
+On the CPU the host is the device: the hooks still run (each input is copied to a host tensor, the original
+freed) and the gradients must be exactly those of plain checkpointing. The plan moves the checkpoint term
+from the device to the host on a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from backend.training.checkpoints import read_trainer_state
+from backend.training.memory import plan_memory
+from backend.training.memory_estimate import (
+    OFFLOAD_LAYERS_ON_DEVICE,
+    checkpoint_input_bytes,
+    estimate_memory,
+)
+from backend.training.model_shape import load_model_config, model_shape
+from backend.training.offload import ActivationOffloader, offload_checkpointed_activations
+from backend.training.options import TrainingOptions
+from backend.training.tiny_models import tiny_config
+from backend.training.trainer import run_training
+
+BATCH, TOKENS = 2, 24
+
+
+def _gradients(folder: Path, *, offload: bool, reentrant: bool) -> tuple[dict[str, torch.Tensor], int]:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    offloader = offload_checkpointed_activations(model) if offload else None
+    ids = torch.randint(1, 200, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same dropout masks in both runs (the checkpoint replays them)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return grads, offloader.offloaded_bytes if offloader else 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradients_are_identical_with_offloaded_checkpoints(tiny_model_folders, arch, reentrant):
+    folder = tiny_model_folders[arch]
+    plain, _ = _gradients(folder, offload=False, reentrant=reentrant)
+    offloaded, packed_bytes = _gradients(folder, offload=True, reentrant=reentrant)
+    assert plain.keys() == offloaded.keys() and plain
+    for name, grad in plain.items():
+        assert torch.equal(grad, offloaded[name]), name
+    # Every layer's input went through the hooks: at least layers x batch x tokens x hidden fp32 values.
+    config = load_model_config(str(folder))
+    shape = model_shape(config)
+    assert packed_bytes >= shape.layers * BATCH * TOKENS * shape.hidden * 4
+
+
+def test_the_hooks_hand_back_a_host_copy_not_the_original():
+    offloader = ActivationOffloader()
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    seen: list[torch.Tensor] = []
+
+    def checkpoint(function, *args):  # a stand-in that saves its input the way torch's checkpoint does
+        class Saving(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, tensor):
+                ctx.save_for_backward(tensor)
+                return function(tensor.detach()).detach()
+
+            @staticmethod
+            def backward(ctx, grad):
+                (saved,) = ctx.saved_tensors
+                seen.append(saved)
+                with torch.enable_grad():
+                    replay = saved.detach().requires_grad_()
+                    (grad_in,) = torch.autograd.grad(function(replay), replay, grad)
+                return grad_in
+
+        return Saving.apply(*args)
+
+    out = offloader.wrap(lambda tensor: checkpoint(layer, tensor))(x)
+    out.sum().backward()
+    assert seen and seen[0].data_ptr() != x.data_ptr() and torch.equal(seen[0], x.detach())
+    assert offloader.offloaded_bytes == x.numel() * 4
+
+
+def test_a_run_with_offload_trains_as_without(tiny_llama, learnable_data, tmp_path, single_torch_thread):
+    def losses(name: str, offload: bool) -> list[float]:
+        options = TrainingOptions(
+            model=str(tiny_llama), data=str(learnable_data), output_dir=str(tmp_path / name), use_lora=True,
+            lora_dropout=0.0, learning_rate=5e-3, max_seq_length=32, per_device_train_batch_size=2, max_steps=4,
+            logging_steps=1, gradient_checkpointing=True, offload_activations=offload,
+        )
+        result = run_training(options)
+        assert result.status == "succeeded", result.error_message
+        return read_trainer_state(tmp_path / name / "checkpoint-4").recent_losses
+
+    assert losses("offloaded", True) == pytest.approx(losses("plain", False), abs=1e-6)
+
+
+def test_offload_without_checkpointing_is_refused_naming_both_flags():
+    for checkpointing in (None, False):
+        with pytest.raises(ValueError, match="--offload_activations needs --gradient_checkpointing"):
+            TrainingOptions(offload_activations=True, gradient_checkpointing=checkpointing)
+
+
+def test_no_checkpointed_layer_to_offload_is_refused(tiny_gpt2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with pytest.raises(ValueError, match="found no checkpointed layer"):
+        offload_checkpointed_activations(model)
+
+
+LLAMA_8B_SHAPE = {"hidden": 4096, "layers": 4, "heads": 32}  # a few 8B-wide layers: planned, never allocated
+
+
+def test_the_gpu_plan_moves_the_checkpoint_term_to_the_host():
+    config = tiny_config("llama", 32_000, **LLAMA_8B_SHAPE)
+    base = {"use_lora": True, "bf16": True, "gradient_checkpointing": True, "max_seq_length": 4096,
+            "per_device_train_batch_size": 1}
+    plain = estimate_memory(TrainingOptions(**base), config, device="cuda")
+    offloaded = estimate_memory(TrainingOptions(**base, offload_activations=True), config, device="cuda")
+    options = TrainingOptions(**base, offload_activations=True)
+    term = checkpoint_input_bytes(options, model_shape(config))
+    assert term == 4 * 4096 * 4096 * 2
+    kept = OFFLOAD_LAYERS_ON_DEVICE * 4096 * 4096 * 2
+    assert plain.breakdown.activations - offloaded.breakdown.activations == term - kept
+    assert offloaded.host_bytes == term and plain.host_bytes == 0
+    assert offloaded.savings["offload_activations"] == term - kept
+    assert "offload_activations" in offloaded.techniques
+    # On the CPU the host is the device: nothing moves.
+    cpu = estimate_memory(options, config, device="cpu")
+    assert cpu.host_bytes == 0 and "offload_activations" not in cpu.savings
+
+
+def test_the_plan_chooses_offload_when_tight_and_checks_the_host(monkeypatch):
+    config = tiny_config("llama", 32_000, **LLAMA_8B_SHAPE)
+    options = TrainingOptions(use_lora=True, bf16=True, gradient_checkpointing=True, max_seq_length=16_384,
+                              per_device_train_batch_size=1)
+    needed = estimate_memory(options, config, device="cuda").estimate_bytes
+    with_offload = estimate_memory(TrainingOptions(**{**options.model_dump(), "offload_activations": True}),
+                                   config, device="cuda")
+    budget = (needed + with_offload.estimate_bytes) // 2
+    plan = plan_memory(options, config, budget_bytes=budget, device="cuda")
+    assert plan.fits is False and plan.recommended_changes.get("offload_activations") is True
+    assert "--offload_activations" in (plan.recommendation or "")
+
+    class NoRam:
+        available = with_offload.host_bytes - 1
+
+    monkeypatch.setattr("backend.training.memory.psutil.virtual_memory", lambda: NoRam())
+    starved = plan_memory(options, config, budget_bytes=budget, device="cuda")
+    assert starved.recommended_changes.get("offload_activations") is not True

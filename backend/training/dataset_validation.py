@@ -348,7 +348,8 @@ def _plain_format(record: object) -> DatasetFormat | None:
     if type(record) is not dict:
         return None
     if "messages" in record:
-        plain = "tools" not in record and "functions" not in record and _plain_chat(record["messages"])
+        tools = len(record) > 1 and ("tools" in record or "functions" in record)
+        plain = not tools and _plain_chat(record["messages"])
         return "chat" if plain else None
     if "preferred_output" in record or "non_preferred_output" in record or type(record.get("input")) is dict:
         return None  # preference lines take the exact path

@@ -307,3 +307,24 @@ def test_chunked_loss_trains_as_the_plain_loss_with_a_lower_live_peak(wide_vocab
     assert chunked_peak < 0.8 * plain_peak  # 2 x 48 tokens x 32,000 fp32 logits and their copies never exist
     assert said == ["chunked loss on (pytorch: Liger Kernel's fused cross-entropy is Triton, CUDA only "
                     "(device is cpu))"]
+
+
+def test_max_seq_length_auto_trains_at_the_longest_length_the_budget_fits(tiny_gpt2, tmp_path, events):
+    from backend.training.memory import GIB, estimate_memory, load_model_config
+
+    config = load_model_config(str(tiny_gpt2))
+    planned = _options(tiny_gpt2, tmp_path / "plan", gradient_checkpointing=True, max_seq_length=300)
+    budget = estimate_memory(planned, config, device="cpu").estimate_bytes
+
+    result = run_training(_options(tiny_gpt2, tmp_path / "out", max_seq_length="auto", plan_device="cpu",
+                                   memory_budget_gb=budget / GIB, max_steps=1), on_event=events)
+
+    assert result.status == "succeeded", result.error_message
+    used = events.of_kind("plan")[0].data["options"]
+    length = used["max_seq_length"]
+    assert used["gradient_checkpointing"] is True and 300 <= length < 512  # below GPT-2's 512 positions
+    assert estimate_memory(planned.model_copy(update={"max_seq_length": length}), config, device="cpu"
+                           ).estimate_bytes <= budget
+    assert estimate_memory(planned.model_copy(update={"max_seq_length": length + 1}), config, device="cpu"
+                           ).estimate_bytes > budget
+    assert f"--max_seq_length auto: {length:,} tokens fit" in " ".join(event.message or "" for event in events)

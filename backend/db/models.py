@@ -15,6 +15,7 @@ from backend.db.statuses import (  # noqa: F401 - re-exported: the API and servi
     JOB_STATUSES,
     TERMINAL_JOB_STATUSES,
     EvaluationStatus,
+    ExportStatus,
     JobStatus,
 )
 
@@ -223,6 +224,33 @@ class Evaluation(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
     heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Export(Base):
+    """A job's adapter merged into its base and stored as a model folder archive (a result file of its own)."""
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        Index("ix_exports_job_id_seq", "job_id", "seq"),
+        Index("ix_exports_status", "status"),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, default=lambda: new_id("ftexp"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    format: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=ExportStatus.QUEUED)
+    requested_action: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

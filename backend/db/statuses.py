@@ -29,6 +29,16 @@ class EvaluationStatus(StrEnum):
     FAILED = "failed"
 
 
+class ExportStatus(StrEnum):
+    """Where an export of a job's adapter merged into its base is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 # Every move a row may make, by who makes it: the API (cancel, pause, resume), a worker (claim, run, finish,
 # requeue after a crash or a shutdown) and the reconciler (expire a silent attempt). A status missing as a
 # key is terminal. One table per kind: a job's and an evaluation's statuses share their strings.
@@ -50,10 +60,19 @@ TRANSITIONS: dict[type[StrEnum], dict[str, frozenset[str]]] = {
             EvaluationStatus.SUCCEEDED, EvaluationStatus.FAILED, EvaluationStatus.QUEUED, EvaluationStatus.RUNNING,
         }),
     },
+    ExportStatus: {
+        ExportStatus.QUEUED: frozenset({ExportStatus.RUNNING, ExportStatus.FAILED, ExportStatus.CANCELLED}),
+        # running -> running: a claim takes over an attempt whose heartbeat stopped.
+        ExportStatus.RUNNING: frozenset({
+            ExportStatus.SUCCEEDED, ExportStatus.FAILED, ExportStatus.CANCELLED, ExportStatus.QUEUED,
+            ExportStatus.RUNNING,
+        }),
+    },
 }
 
 JOB_STATUSES = tuple(JobStatus)
 EVALUATION_STATUSES = tuple(EvaluationStatus)
+EXPORT_STATUSES = tuple(ExportStatus)
 TERMINAL_JOB_STATUSES = frozenset(status for status in JobStatus if status not in TRANSITIONS[JobStatus])
 # Statuses that count against a project's concurrent-job quota.
 ACTIVE_JOB_STATUSES = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING})

@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.db.fence import StaleAttemptError, database_now, silent_for
-from backend.db.models import Evaluation, Job
+from backend.db.models import Evaluation, Export, Job
 from backend.db.statuses import can_move
 
 
@@ -32,8 +32,8 @@ from backend.db.statuses import can_move
 class LeaseKind:
     """One kind of leased work: its table, the statuses an attempt holds it in, and its Celery task."""
 
-    name: str  # "job", "evaluation": named in StaleAttemptError
-    model: type[Job] | type[Evaluation]
+    name: str  # "job", "evaluation", "export": named in StaleAttemptError
+    model: type[Job] | type[Evaluation] | type[Export]
     active: tuple[StrEnum, ...]
     task_name: str
     # Queued rows that ought to have a message waiting on the broker.

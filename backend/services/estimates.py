@@ -12,14 +12,22 @@ from backend.services.job_request import EstimateRequest
 from backend.services.training_request import resolve_training
 
 
-def default_budget_bytes() -> int:
-    """The free memory of the roomiest visible GPU, or the machine's available memory without one."""
+def _device_and_budget(spec: EstimateRequest) -> tuple[str, int]:
+    """The device planned for (`device`, else a GPU when one is visible) and its budget (`budget_bytes`, else free)."""
     gpus = list_gpus()
-    return max(gpu.free_bytes for gpu in gpus) if gpus else cpu_device().free_bytes
+    device = spec.device or ("cuda" if gpus else "cpu")
+    if spec.budget_bytes is not None:
+        return device, spec.budget_bytes
+    if device == "cpu":
+        return device, cpu_device().free_bytes
+    if not gpus:
+        raise InvalidRequest("Planning for device cuda on a server without a GPU needs budget_bytes.",
+                             param="budget_bytes")
+    return device, max(gpu.free_bytes for gpu in gpus)
 
 
 def estimate_job(*, settings: Settings, spec: EstimateRequest) -> dict[str, Any]:
-    """The plan as a dict: fits, estimate_bytes, budget_bytes, breakdown, recommendation."""
+    """The plan as a dict: fits, estimate_bytes, budget_bytes, device, breakdown, max_seq_length, techniques."""
     from backend.training.memory import load_model_config, plan_memory
 
     ref = resolve_base_model(spec.model, settings=settings)
@@ -35,7 +43,11 @@ def estimate_job(*, settings: Settings, spec: EstimateRequest) -> dict[str, Any]
         config = load_model_config(str(ref.path))
     except (OSError, ValueError, KeyError) as error:  # a folder transformers cannot read is the model's fault
         raise InvalidRequest(f"The config of model {ref.name!r} cannot be read: {error}", param="model") from None
-    plan = plan_memory(options, config, budget_bytes=spec.budget_bytes or default_budget_bytes())
+    device, budget_bytes = _device_and_budget(spec)
+    try:
+        plan = plan_memory(options, config, budget_bytes=budget_bytes, device=device)
+    except ValueError as error:  # max_seq_length "auto" with a budget that fits no context at all
+        raise InvalidRequest(str(error), param="training.max_seq_length") from None
     answer: dict[str, Any] = plan.to_dict()
     answer.setdefault("object", "fine_tuning.estimate")
     answer["model"] = ref.name

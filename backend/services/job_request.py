@@ -6,7 +6,7 @@ services that use them (training_request, evaluation_options, jobs), in the orde
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -45,4 +45,7 @@ class EstimateRequest(JobRequest):
 
     budget_bytes: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="Memory to plan for; the largest visible GPU's free memory when omitted."
+    )
+    device: Literal["cuda", "cpu"] | None = Field(
+        default=None, description="The device to plan for, whatever this server has; a GPU when one is visible."
     )

@@ -130,7 +130,7 @@ def _check_limits(options: TrainingOptions, requested: dict[str, Any], prefix: s
     }
     for name, limit in API_LIMITS.items():
         value = getattr(options, name)
-        if value is None or value <= limit and not (name == "seed" and value < 0):
+        if value is None or value == "auto" or value <= limit and not (name == "seed" and value < 0):
             continue
         param = f"training.{name}" if name in requested else from_hyperparameters.get(name, f"training.{name}")
         low = 0 if name in ("seed", "weight_decay") else 1

@@ -19,5 +19,5 @@ router = APIRouter(
 
 @router.post("/estimate", summary="Plan a job's peak memory and the cheapest settings that fit")
 def estimate(body: EstimateRequest, settings: SettingsDep, project: ProjectDep) -> dict[str, Any]:
-    """`{fits, estimate_bytes, budget_bytes, breakdown, recommendation}` from the model's config alone."""
+    """`{fits, estimate_bytes, budget_bytes, device, breakdown, max_seq_length, techniques}` from the config alone."""
     return estimate_job(settings=settings, spec=body)

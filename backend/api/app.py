@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from backend.api.errors import install_error_handlers
 from backend.api.guards import LimitBodyMiddleware, RefuseNulMiddleware
 from backend.api.metrics import Metrics, MetricsMiddleware
-from backend.api.routes import dashboard, estimate, evaluations, files, health, inference, jobs, models
+from backend.api.routes import dashboard, estimate, evaluations, exports, files, health, inference, jobs, models
 from backend.config import Settings, get_settings
 from backend.db.session import get_session_factory, make_engine
 
@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.state.metrics = Metrics(session_factory)
     install_error_handlers(app)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
-    for router in (files.router, jobs.router, evaluations.router, estimate.router, models.router, health.router):
+    for router in (files.router, jobs.router, evaluations.router, exports.router, estimate.router, models.router,
+                   health.router):
         app.include_router(router)
     app.include_router(inference.router)  # proxied to the inference engine
     app.include_router(dashboard.queue_router)

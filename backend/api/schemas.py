@@ -222,6 +222,19 @@ class TelemetryList(BaseModel):
 # ------------------------------------------------------------------------------------------------ models
 
 
+class ExportObject(RowView):
+    """safetrain's export of a job: its adapter merged into the base, stored as the file `file_id` once succeeded."""
+
+    id: str
+    object: Literal["fine_tuning.export"] = "fine_tuning.export"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    format: Literal["merged"]
+    file_id: str | None
+    error: str | None
+    created_at: int
+    finished_at: int | None
+
+
 class ModelObject(BaseModel):
     """openai.types.Model."""
 

@@ -58,7 +58,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("safetrain", include=["backend.workers.jobs.task", "backend.workers.evaluations.task"])
+app = Celery("safetrain", include=["backend.workers.jobs.task", "backend.workers.evaluations.task",
+                                   "backend.workers.exports.task"])
 app.add_defaults(lambda: celery_config(get_settings()))
 
 

@@ -13,7 +13,9 @@ Each pass (every `heartbeat_seconds`):
   `queued` and is sent again (it starts over: an evaluation keeps no checkpoints), or is `failed` with
   the reason once its attempt count reached `max_attempts`; a queued evaluation of a succeeded job that
   no worker claimed for `heartbeat_expiry_seconds` since its message was last sent is sent again (the
-  same broker check as for jobs, counting both kinds of waiting message).
+  same broker check as for jobs, counting both kinds of waiting message);
+- exports likewise (services/export_runs.py): a silent one is requeued (it merges again from the start),
+  cancelled when a cancel was pending, or failed at `max_attempts`; a queued one is sent again.
 
 Why a thread in every worker rather than Celery beat: beat is one more process to deploy and to keep
 exactly one of, and when it is down nothing is reconciled; a loop in each worker needs nothing extra
@@ -32,6 +34,7 @@ from backend.db.session import session_scope
 from backend.db.statuses import JobStatus
 from backend.services import lease
 from backend.services.evaluation_runs import EVALUATIONS
+from backend.services.export_runs import EXPORTS
 from backend.services.job_runs import JOBS
 from backend.services.lease import LeaseKind
 from backend.workers.dispatch import queue_depth, send
@@ -39,7 +42,7 @@ from backend.workers.dispatch import queue_depth, send
 logger = logging.getLogger(__name__)
 
 # Every kind of leased work the reconciler repairs, and the prefix of its lists in the report.
-LEASED_KINDS: tuple[tuple[LeaseKind, str], ...] = ((JOBS, ""), (EVALUATIONS, "evaluations_"))
+LEASED_KINDS: tuple[tuple[LeaseKind, str], ...] = ((JOBS, ""), (EVALUATIONS, "evaluations_"), (EXPORTS, "exports_"))
 # The report's list for each status a silent attempt moves to (an evaluation's statuses compare equal to these).
 _REPORTED: dict[str, str] = {JobStatus.QUEUED: "requeued", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "stopped",
                              JobStatus.PAUSED: "stopped"}
@@ -47,7 +50,7 @@ _REPORTED: dict[str, str] = {JobStatus.QUEUED: "requeued", JobStatus.FAILED: "fa
 
 @dataclass
 class ReconcileReport:
-    """What one pass did, by job id (and, for evaluations, by evaluation id)."""
+    """What one pass did, by job id (and, for evaluations and exports, by their ids)."""
 
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -56,11 +59,16 @@ class ReconcileReport:
     evaluations_requeued: list[str] = field(default_factory=list)
     evaluations_failed: list[str] = field(default_factory=list)
     evaluations_resent: list[str] = field(default_factory=list)
+    exports_requeued: list[str] = field(default_factory=list)
+    exports_failed: list[str] = field(default_factory=list)
+    exports_stopped: list[str] = field(default_factory=list)
+    exports_resent: list[str] = field(default_factory=list)
 
     def changed(self) -> bool:
         """Whether the pass repaired anything."""
         return any((self.requeued, self.failed, self.stopped, self.resent, self.evaluations_requeued,
-                    self.evaluations_failed, self.evaluations_resent))
+                    self.evaluations_failed, self.evaluations_resent, self.exports_requeued, self.exports_failed,
+                    self.exports_stopped, self.exports_resent))
 
     def note(self, prefix: str, what: str, row_id: str) -> None:
         """Add `row_id` to the list `prefix + what` (requeued, failed, stopped, resent)."""

@@ -180,7 +180,10 @@ def multi_node_launch_command(options: TrainingOptions, train_args: list[str]) -
     per_machine = max(torch.cuda.device_count(), 1)
     total = per_machine * options.num_machines
     if options.deepspeed:
-        return accelerate_launch_command(options.deepspeed, train_args, total, machine_flags=machine_flags(options))
+        # torch.distributed's launcher on every machine, as without DeepSpeed: accelerate's default for several
+        # machines is DeepSpeed's own pdsh launcher, which starts the other machines' ranks over ssh itself.
+        flags = [*machine_flags(options), "--deepspeed_multinode_launcher", "standard"]
+        return accelerate_launch_command(options.deepspeed, train_args, total, machine_flags=flags)
     precision = "bf16" if options.bf16 else "fp16" if options.fp16 else "no"
     # --multi_gpu picks accelerate's torch.distributed launcher, which also runs CPU ranks (the trainer's
     # Accelerator then uses gloo); its --cpu mode would start CPU ranks only through MPI.

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ class _Children:
     worker: subprocess.Popen[bytes]
     engine: subprocess.Popen[bytes] | None = None
     engine_argv: list[str] = field(default_factory=list)
+    engine_env: dict[str, str] = field(default_factory=dict)
+    engine_restarts: int = 0
     stop_requested: list[int] = field(default_factory=list)
 
     def all(self) -> tuple[subprocess.Popen[bytes], ...]:
@@ -57,6 +60,9 @@ def run_embedded(host: str, port: int, demo_model: bool) -> None:
     if demo_model:
         ensure_demo_model(models_dir)
     env = _child_environment(data_dir, models_dir)
+    if not settings.inference_url:
+        # API and engine agree on the port through the environment; a taken one (another stack) is swapped.
+        env["SAFETRAIN_INFERENCE_PORT"] = str(_engine_port(settings.inference_port))
     children = _start_children(host, port, env, engine=not settings.inference_url)
     _install_stop_handlers(children)
     try:
@@ -177,7 +183,19 @@ def _start_children(host: str, port: int, env: dict[str, str], *, engine: bool =
     # The engine listens on 127.0.0.1 only: the API is its one client, and it checks who may use which model.
     engine_argv = [*command, "serve", "--host", "127.0.0.1"] if engine else []
     return _Children(api=api, worker=worker, engine=_spawn(engine_argv, env) if engine else None,
-                     engine_argv=engine_argv)
+                     engine_argv=engine_argv, engine_env=env)
+
+
+def _engine_port(wanted: int) -> int:
+    """`wanted` if nothing listens on it, else a free port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", wanted))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+            print(f"safetrain up: port {wanted} is taken; the inference engine uses {probe.getsockname()[1]}",
+                  file=sys.stderr, flush=True)
+        return int(probe.getsockname()[1])
 
 
 def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -224,18 +242,25 @@ def _supervise(children: _Children) -> None:
     while not children.stop_requested and children.api.poll() is None and children.worker.poll() is None:
         if children.engine is not None and children.engine.poll() is not None:
             # The engine holds nothing the API cannot give it again (adapters are registered on use).
-            print(f"safetrain up: the inference engine exited ({children.engine.returncode}); starting it again",
-                  file=sys.stderr, flush=True)
-            time.sleep(1.0)
-            children.engine = _spawn(children.engine_argv, _engine_environment())
+            # An engine that keeps dying waits longer each time (1 s, 2 s, … 60 s), so it never spins.
+            delay = min(60.0, 2.0 ** min(children.engine_restarts, 6))
+            print(f"safetrain up: the inference engine exited ({children.engine.returncode}); starting it again "
+                  f"in {delay:.0f} s", file=sys.stderr, flush=True)
+            if _sleep_unless_stopped(children, delay):
+                return
+            children.engine_restarts += 1
+            children.engine = _spawn(children.engine_argv, children.engine_env)
         time.sleep(0.2)
 
 
-def _engine_environment() -> dict[str, str]:
-    from backend.config import get_settings
-
-    settings = get_settings()
-    return _child_environment(Path(settings.data_dir).resolve(), Path(settings.models_dir).resolve())
+def _sleep_unless_stopped(children: _Children, seconds: float) -> bool:
+    """Sleep; True as soon as a stop is asked for."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if children.stop_requested:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _signal(child: subprocess.Popen[bytes], signum: int) -> None:

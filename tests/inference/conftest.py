@@ -113,6 +113,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         model = wait_succeeded(client, job_id, stack)
         checkpoints = [c.fine_tuned_model_checkpoint for c in client.fine_tuning.jobs.checkpoints.list(job_id)]
         assert all(re.fullmatch(rf"{re.escape(model)}:ckpt-step-\d+", name) for name in checkpoints)
-        yield Served(stack, engine_url, key, client, job_id, model, checkpoints)
+        running = Served(stack, engine_url, key, client, job_id, model, checkpoints)
+        wait_for(running.engine_healthy, START_TIMEOUT, "the inference engine", logs=stack.logs)
+        yield running
     finally:
         stack.stop()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from backend.config import Settings
 from backend.db.session import session_scope
@@ -66,9 +66,7 @@ class ReconcileReport:
 
     def changed(self) -> bool:
         """Whether the pass repaired anything."""
-        return any((self.requeued, self.failed, self.stopped, self.resent, self.evaluations_requeued,
-                    self.evaluations_failed, self.evaluations_resent, self.exports_requeued, self.exports_failed,
-                    self.exports_stopped, self.exports_resent))
+        return any(getattr(self, column.name) for column in fields(self))
 
     def note(self, prefix: str, what: str, row_id: str) -> None:
         """Add `row_id` to the list `prefix + what` (requeued, failed, stopped, resent)."""

@@ -14,9 +14,9 @@ from starlette.responses import FileResponse, Response
 
 from backend.api.deps import BEARER, ProjectDep, SessionDep, release_connection
 from backend.api.schemas import Progress, error_responses
-from backend.dashboard.queue import queue_view
 from backend.db.models import Job
 from backend.services.errors import NotFound
+from backend.services.job_queue import queue_view
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "dashboard" / "static"
 # No inline script or style, nothing from another origin; the API key travels only in fetch() headers.

@@ -22,10 +22,10 @@ from backend.api.schemas import (
     error_responses,
     list_response,
 )
-from backend.dashboard.queue import list_jobs_with_status, parse_statuses
 from backend.db.models import TERMINAL_JOB_STATUSES, Job
 from backend.services import jobs as job_service
 from backend.services.errors import InvalidRequest
+from backend.services.job_queue import list_jobs_with_status, parse_statuses
 from backend.services.job_request import JobCreateRequest
 from backend.workers.dispatch import enqueue_job
 

@@ -1,4 +1,4 @@
-"""What the queue looks like to a project, and jobs filtered by status (used by the public API)."""
+"""What the queue looks like to a project, and jobs filtered by status."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.db.models import JOB_STATUSES, Job, Project
+from backend.db.statuses import JobStatus
 from backend.services.errors import InvalidRequest
 from backend.services.pagination import Page, keyset_page
 
-RUNNING_STATUSES = ("validating_files", "running")
+# The statuses in which a job holds a worker.
+RUNNING_STATUSES = (JobStatus.VALIDATING_FILES, JobStatus.RUNNING)
 MAX_QUEUED_SHOWN = 200
 
 
@@ -69,7 +71,8 @@ def queue_view(*, session: Session, project: Project) -> QueueView:
             .order_by(Job.seq.asc())
         )
     )
-    waiting = list(session.execute(select(Job.seq, Job.project_id).where(Job.status == "queued").order_by(Job.seq)))
+    queued = select(Job.seq, Job.project_id).where(Job.status == JobStatus.QUEUED).order_by(Job.seq)
+    waiting = list(session.execute(queued))
     positions = {seq: index for index, (seq, owner) in enumerate(waiting, start=1) if owner == project.id}
     shown = list(positions)[:MAX_QUEUED_SHOWN]
     own = list(session.scalars(select(Job).where(Job.seq.in_(shown)).order_by(Job.seq))) if shown else []

@@ -28,6 +28,7 @@ in benchmarks/plan_accuracy.py and benchmarks/checkpointing_memory.py, and again
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -281,6 +282,7 @@ def activation_bytes(
     tokens = _tokens(options)
     layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=tokens)
     outside_layers = tokens * shape.hidden * (element + 4 * 2)  # embedding output, final norm input and output
+    outside_layers += packed_mask_bytes(options, device=device)
     loss = loss_bytes(options, shape, tokens=tokens, chunked_loss=chunked_loss)
     working = _backward_working_bytes(options, shape, device=device, tokens=tokens)
     if checkpointing:
@@ -364,6 +366,20 @@ def _score_bytes(options: TrainingOptions, shape: ModelShape, *, device: str) ->
     return softmax + (mask + element if shape.attention_dropout > 0 else 0)
 
 
+def packs_with_flash_attention(options: TrainingOptions, device: str) -> bool:
+    """Whether packed rows run flash-attention 2's varlen kernel (no mask): as modeling._attention_implementation."""
+    half = options.bf16 or options.fp16 or options.use_4bit or bool(options.use_8bit)
+    return options.packing and half and device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+
+
+def packed_mask_bytes(options: TrainingOptions, *, device: str) -> int:
+    """--packing through SDPA: transformers' block-diagonal mask (bool, batch x T x T, one for all layers) and the
+    additive copy of it in the compute dtype; none with flash-attention's varlen kernel."""
+    if not options.packing or packs_with_flash_attention(options, device):
+        return 0
+    return options.per_device_train_batch_size * options.seq_length**2 * (1 + compute_bytes(options))
+
+
 def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, device: str, tokens: int) -> int:
     """What one layer's backward allocates on top of its saved activations.
 
@@ -376,6 +392,9 @@ def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, devi
     gradients = tokens * element * (shape.hidden + shape.intermediate)
     if _materialized_attention(shape, device=device):
         gradients += options.per_device_train_batch_size * shape.heads * options.seq_length**2 * element
+    elif packed_mask_bytes(options, device=device) and device == "cpu":
+        # the CPU's SDPA backward with a mask keeps fp32 scores of every head of one layer
+        gradients += options.per_device_train_batch_size * shape.heads * options.seq_length**2 * 4
     if options.use_8bit or options.use_4bit:
         weights = [layer.in_features * layer.out_features for layer in shape.linears if layer.quantizable]
         gradients += KBIT_STREAM_BYTES * max(weights, default=0)

@@ -28,9 +28,12 @@ from backend.training.datasets import (
     pack_examples,
     tokenize_examples,
 )
+from backend.training.memory_estimate import estimate_memory, packed_mask_bytes
 from backend.training.modeling import ModelSourceError, attention_inputs, check_packing_supported
 from backend.training.options import TrainingOptions
+from backend.training.tiny_models import tiny_config
 from backend.training.trainer import run_training
+from benchmarks.live_tensors import LiveTensorPeak
 
 EXAMPLES = [
     {"prompt": "Add 2 and 3.", "completion": " The sum is 5."},
@@ -150,3 +153,24 @@ def test_a_packed_run_trains(tiny_llama, learnable_data, tmp_path, single_torch_
     _, rows = load_examples(learnable_data)
     single = tokenize_examples(rows, "text", AutoTokenizer.from_pretrained(tiny_llama), max_seq_length=64)
     assert result.trained_tokens > 6 * 2 * max(len(example.input_ids) for example in single)
+
+
+def test_the_plan_counts_the_packed_mask_within_15_percent_of_live_tensors(single_torch_thread):
+    tokens = 1024
+    config = tiny_config("llama", 512, hidden=256, layers=4, heads=4, context=tokens)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    model.config.use_cache = False
+    rows = pack_examples([TokenizedExample([1 + i % 400 for i in range(256)], list(range(1, 257)))] * 4, tokens)
+    batch = collate(rows, pad_token_id=0)
+    attention_mask, position_ids = attention_inputs(batch, torch.device("cpu"))
+    with LiveTensorPeak() as live:
+        loss = model(input_ids=batch["input_ids"], position_ids=position_ids, labels=batch["labels"]).loss
+        loss.backward()
+        del loss
+    options = TrainingOptions(packing=True, per_device_train_batch_size=1, max_seq_length=tokens,
+                              gradient_checkpointing=False, chunked_loss=False)
+    plan = estimate_memory(options, config, device="cpu").breakdown
+    planned = plan.activations + plan.gradients  # no optimizer here: the live peak is activations and gradients
+    assert attention_mask is None and packed_mask_bytes(options, device="cpu") == tokens**2 * 5
+    assert 0.85 < planned / live.peak < 1.15, (planned, live.peak)

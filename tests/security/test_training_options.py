@@ -29,7 +29,7 @@ WRONG_TYPE: dict[str, list[object]] = {
     "gradient_accumulation_steps": ["2", 2.5],
     "learning_rate": ["1e-4", True],
     "max_steps": [1.5, "10"],
-    "max_seq_length": ["512", 512.5],
+    "max_seq_length": ["512", 512.5, "longest", "AUTO"],
     "warmup_ratio": ["0.1", False],
     "weight_decay": ["0", True],
     "save_steps": ["5", 5.5],
@@ -38,6 +38,7 @@ WRONG_TYPE: dict[str, list[object]] = {
     "packing": ["yes", 1],
     "train_on_completions_only": [1, "no"],
     "deepspeed": [2, True, ["zero2"]],
+    "chunked_loss": ["yes", 1],
 }
 
 OUT_OF_RANGE: dict[str, list[object]] = {
@@ -171,7 +172,8 @@ def test_contradictions_unknown_keys_and_hyperparameter_attacks_are_400_naming_t
             "use_8bit": False, "use_4bit": False, "gradient_checkpointing": True, "fp16": False, "bf16": False,
             "epochs": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-4,
             "max_steps": 10, "max_seq_length": 64, "warmup_ratio": 0.1, "weight_decay": 0.01, "save_steps": 5,
-            "logging_steps": 1, "seed": 7, "packing": False, "train_on_completions_only": True, "deepspeed": "zero2"}
+            "logging_steps": 1, "seed": 7, "packing": False, "train_on_completions_only": True, "deepspeed": "zero2",
+            "chunked_loss": False}
     assert set(good) == set(API_TRAINING_FIELDS)
     response = _create(client, key_a, file_id, {"training": good})
     assert response.status_code == 200, response.text

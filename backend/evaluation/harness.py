@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from backend.evaluation.lint import lint_python
 from backend.evaluation.sandbox import SandboxConfig, check_sandbox, run_python
@@ -254,7 +254,7 @@ def evaluate_model(
     on_task: Callable[[TaskResult], None] | None = None,
 ) -> EvaluationReport:
     """Generate n samples per task, check each (sandboxed while the next task generates), report pass@k."""
-    k_list = _check_request(n_samples, k_values, mode, config)
+    k_list = _check_request(n_samples=n_samples, k_values=k_values, mode=mode, config=config)
     started = time.monotonic()
     generation_s = 0.0
     pending: list[tuple[EvalTask, list[Future[SampleResult]]]] = []
@@ -274,8 +274,10 @@ def evaluate_model(
 
 
 def _check_request(
-    n_samples: int, k_values: Sequence[int], mode: EvaluationMode, config: SandboxConfig | None
+    *, n_samples: int = 1, k_values: Sequence[int] = (1,), mode: EvaluationMode = "sandbox",
+    config: SandboxConfig | None = None, **_: Any,
 ) -> list[int]:
+    """The sorted k values, once the request is one that can run (the sandbox included)."""
     if mode not in EVALUATION_MODES:
         raise ValueError(f"mode must be one of {', '.join(EVALUATION_MODES)} (got {mode!r})")
     k_list = sorted(set(k_values))
@@ -323,25 +325,25 @@ def load_model_for_evaluation(base_model: str | Path, adapter_dir: str | Path | 
     return model, tokenizer
 
 
+class EvaluationSettings(TypedDict, total=False):
+    """How an adapter is evaluated: `evaluate_model`'s keyword arguments, passed through by `evaluate_adapter`."""
+
+    n_samples: int
+    k_values: Sequence[int]
+    max_new_tokens: int
+    temperature: float
+    timeout_s: float
+    mode: EvaluationMode
+    config: SandboxConfig | None
+    on_task: Callable[[TaskResult], None] | None
+
+
 def evaluate_adapter(
-    *,
-    base_model: str | Path,
-    adapter_dir: str | Path | None,
-    eval_data: str | Path,
-    n_samples: int = 1,
-    k_values: Sequence[int] = (1,),
-    max_new_tokens: int = 256,
-    temperature: float = 0.2,
-    timeout_s: float = 10.0,
-    mode: EvaluationMode = "sandbox",
-    config: SandboxConfig | None = None,
-    on_task: Callable[[TaskResult], None] | None = None,
+    *, base_model: str | Path, adapter_dir: str | Path | None, eval_data: str | Path,
+    **settings: Unpack[EvaluationSettings],
 ) -> EvaluationReport:
     """The entry point for the trainer and the worker: validate the file, load base + adapter, evaluate."""
     tasks = load_tasks(eval_data)
-    _check_request(n_samples, k_values, mode, config)
+    _check_request(**settings)  # fail before the model loads
     model, tokenizer = load_model_for_evaluation(base_model, adapter_dir)
-    return evaluate_model(
-        model, tokenizer, tasks, n_samples=n_samples, k_values=k_values, max_new_tokens=max_new_tokens,
-        temperature=temperature, timeout_s=timeout_s, mode=mode, config=config, on_task=on_task,
-    )
+    return evaluate_model(model, tokenizer, tasks, **settings)

@@ -76,3 +76,10 @@ def test_the_shared_prompt_stops_where_the_sides_differ() -> None:
     [line] = tokenize_preferences([PLAIN_LINE], plain, max_seq_length=512)
     assert decoded(line.prompt_ids, plain).endswith("<|user|>\nWeather?\n<|assistant|>\n")
     assert decoded(line.chosen_ids, plain) == f"Sunny and warm.\n{EOS}"
+
+
+def test_supervised_tokenization_refuses_preference_lines(tokenizer: PreTrainedTokenizerBase) -> None:
+    from backend.training.datasets import DatasetError, tokenize_examples
+
+    with pytest.raises(DatasetError, match='^example 1: preference lines train with method "dpo"'):
+        tokenize_examples([PLAIN_LINE], "preference", tokenizer, max_seq_length=64)

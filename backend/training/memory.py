@@ -364,7 +364,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  (activations: {_size(plan.activations_without_checkpointing)} without gradient checkpointing, "
         f"{_size(plan.activations_with_checkpointing)} with)",
         f"  Sequence length {plan.max_seq_length:,}; techniques: {', '.join(plan.techniques) or 'none'}",
-        *(f"  (--{name} saves {_size(saved)}; --no_{name} would need it)" for name, saved in plan.savings.items()),
+        *(f"  (--{name} saves {_size(saved)} on the device)" for name, saved in plan.savings.items()),
+        *([f"  Host RAM for offloaded activations: {_size(plan.host_bytes)}"] if plan.host_bytes else []),
     ]
     if plan.budget_bytes is not None:
         verdict = "fits" if plan.fits else "DOES NOT FIT"

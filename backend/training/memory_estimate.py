@@ -163,7 +163,8 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         max_seq_length=options.seq_length,
         techniques=techniques_in_use(options, chunked_loss=chunked),
         savings={**(_chunked_loss_savings(options, shape, adapted, device=device) if chunked else {}),
-                 **_offload_savings(options, shape, device=device)},
+                 **_offload_savings(options, shape, device=device),
+                 **_optimizer_savings(options, shape, adapted, optimizer_bytes=optimizer)},
         host_bytes=checkpoint_input_bytes(options, shape) if offload else 0,
     )
 
@@ -177,6 +178,16 @@ def offloads_activations(options: TrainingOptions, device: str) -> bool:
 def checkpoint_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
     """Every layer's input, which gradient checkpointing keeps for the recompute (layers x tokens x hidden)."""
     return shape.layers * _tokens(options) * shape.hidden * compute_bytes(options)
+
+
+def _optimizer_savings(
+    options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer], *, optimizer_bytes: int
+) -> dict[str, int]:
+    """What 8-bit optimizer states save against torch's fp32 AdamW."""
+    if options.optim not in EIGHT_BIT_OPTIMIZERS:
+        return {}
+    fp32 = optimizer_state_bytes(options.model_copy(update={"optim": "adamw_torch"}), shape, adapted)
+    return {"optim": fp32 - optimizer_bytes}
 
 
 def _offload_savings(options: TrainingOptions, shape: ModelShape, *, device: str) -> dict[str, int]:

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from backend.training.checkpoints import read_trainer_state
-from backend.training.memory import plan_memory
+from backend.training.memory import format_plan, plan_memory
 from backend.training.memory_estimate import (
     OFFLOAD_LAYERS_ON_DEVICE,
     checkpoint_input_bytes,
@@ -131,6 +131,7 @@ def test_the_gpu_plan_moves_the_checkpoint_term_to_the_host():
     assert offloaded.host_bytes == term and plain.host_bytes == 0
     assert offloaded.savings["offload_activations"] == term - kept
     assert "offload_activations" in offloaded.techniques
+    assert f"Host RAM for offloaded activations: {term / 2**20:.1f} MiB" in format_plan(offloaded)
     # On the CPU the host is the device: nothing moves.
     cpu = estimate_memory(options, config, device="cpu")
     assert cpu.host_bytes == 0 and "offload_activations" not in cpu.savings

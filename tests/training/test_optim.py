@@ -70,6 +70,8 @@ def test_eight_bit_states_are_a_quarter_in_the_plan_at_a_real_width():
     fp32 = estimate_memory(TrainingOptions(), config, device="cpu").breakdown.optimizer
     eight = estimate_memory(TrainingOptions(optim="adamw_8bit"), config, device="cpu").breakdown.optimizer
     assert 0.25 < eight / fp32 < 0.26
+    saved = estimate_memory(TrainingOptions(optim="adamw_8bit"), config, device="cpu").savings["optim"]
+    assert saved == fp32 - eight
 
 
 def test_a_full_fine_tune_with_adamw_8bit_lowers_the_loss(tiny_llama, learnable_data, tmp_path, single_torch_thread):

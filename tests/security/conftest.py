@@ -100,19 +100,20 @@ def unchanged(snapshot: Callable[[], Stored], healthy: Callable[[], None]) -> Ca
 
 @dataclass(frozen=True)
 class Owned:
-    """Objects of one project: a dataset, a job with an event, a checkpoint, a telemetry sample and an evaluation,
-    and the job's fine-tuned model name."""
+    """Objects of one project: a dataset, a job with an event, a checkpoint, a telemetry sample, an evaluation and
+    an export, and the job's fine-tuned model name."""
 
     file_id: str
     job_id: str
     model_id: str
     evaluation_id: str
+    export_id: str
 
 
 def seed_objects(client: TestClient, key: str, session: Session, *, status: str = "queued") -> Owned:
     """Upload a dataset and create a job as `key`'s project, then write what a worker would (event, checkpoint,
     telemetry, a fine-tuned model name) and set the job's status."""
-    from backend.db.models import Checkpoint, Evaluation, Job, JobEvent, TelemetrySample
+    from backend.db.models import Checkpoint, Evaluation, Export, Job, JobEvent, TelemetrySample
 
     response = client.post("/v1/files", headers=bearer(key), files={"file": ("t.jsonl", GOOD_CHAT)},
                            data={"purpose": "fine-tune"})
@@ -132,8 +133,11 @@ def seed_objects(client: TestClient, key: str, session: Session, *, status: str 
     session.add(TelemetrySample(job_id=job_id, attempt=1, step=1, sample={"rss_bytes": 1}))
     evaluation = Evaluation(job_id=job_id, project_id=job.project_id, file_id=file_id, options={}, status="queued")
     session.add(evaluation)
+    export = Export(job_id=job_id, project_id=job.project_id, format="merged", status="queued")
+    session.add(export)
     session.commit()
-    return Owned(file_id=file_id, job_id=job_id, model_id=model_id, evaluation_id=evaluation.id)
+    return Owned(file_id=file_id, job_id=job_id, model_id=model_id, evaluation_id=evaluation.id,
+                 export_id=export.id)
 
 
 @pytest.fixture

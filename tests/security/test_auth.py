@@ -31,7 +31,8 @@ def _v1_routes(app: FastAPI) -> list[tuple[str, str]]:
 
 def _fill(path: str, owned: Owned) -> str:
     return (path.replace("{file_id}", owned.file_id).replace("{fine_tuning_job_id}", owned.job_id)
-            .replace("{model_id}", owned.model_id).replace("{evaluation_id}", owned.evaluation_id))
+            .replace("{model_id}", owned.model_id).replace("{evaluation_id}", owned.evaluation_id)
+            .replace("{export_id}", owned.export_id))
 
 
 def _call(client: TestClient, method: str, path: str, headers: dict[str, str]):  # type: ignore[no-untyped-def]

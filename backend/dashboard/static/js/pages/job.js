@@ -1,5 +1,6 @@
 // One job: status, options, metadata, the memory plan against the measured peak, live loss and memory charts,
-// the events log (streamed), checkpoints, evaluations, the adapter download, and Pause / Resume / Cancel.
+// the events log (streamed), checkpoints, evaluations, exports (merged models to download), the adapter download,
+// and Pause / Resume / Cancel.
 
 import { api, downloadFile, listAll, streamEvents } from "../api.js";
 import { lineChart } from "../chart.js";
@@ -55,6 +56,7 @@ export function renderJob(root, signal, jobId) {
   const metadataSlot = h("div");
   const checkpointsSlot = h("div", null, h("p", { class: "muted small", text: "None yet." }));
   const evaluationsSlot = h("div", null, h("p", { class: "muted small", text: "None." }));
+  const exportsSlot = h("div", null, h("p", { class: "muted small", text: "None." }));
   const log = h("ol", { class: "log", "aria-label": "Events", "aria-live": "off" });
   const logInfo = h("p", { class: "muted small" });
   const progressBar = h("span");
@@ -82,6 +84,7 @@ export function renderJob(root, signal, jobId) {
       h("div", { class: "grid" },
         h("section", { class: "panel" }, h("h2", { text: "Hyperparameters and training options" }), optionsSlot),
         h("section", { class: "panel" }, h("h2", { text: "Metadata" }), metadataSlot)),
+      h("section", { class: "panel" }, h("h2", { text: "Exports" }), exportsSlot),
       h("section", { class: "panel" }, h("h2", { text: "Events" }), logInfo, log)));
 
   async function act(action) {
@@ -271,6 +274,31 @@ export function renderJob(root, signal, jobId) {
     }
   }
 
+  async function loadExports() {
+    try {
+      const page = await api(`/v1/fine_tuning/jobs/${jobId}/exports`, { query: { limit: 20 }, signal });
+      if (!page.data.length) return;
+      fill(exportsSlot, h("table", null,
+        h("thead", null, h("tr", null, h("th", { text: "Export" }), h("th", { text: "Status" }), h("th", { text: "Merged model" }))),
+        h("tbody", null, page.data.map((item) => h("tr", null,
+          h("td", { class: "mono small", text: item.id }), h("td", null, badge(item.status)),
+          h("td", { class: "small" }, item.file_id
+            ? h("button", { type: "button", text: "Download merged model", onclick: () => downloadExport(item) })
+            : item.error || "—"))))));
+      if (page.data.some((item) => item.status === "queued" || item.status === "running")) setTimeout(loadExports, POLL_MS);
+    } catch (error) {
+      if (!signal.aborted && error.status !== 404) fill(message, errorNotice(error.message));
+    }
+  }
+
+  async function downloadExport(item) {
+    try {
+      await downloadFile(item.file_id, `${jobId}-merged.zip`);
+    } catch (error) {
+      fill(message, errorNotice(error.message));
+    }
+  }
+
   async function poll() {
     if (signal.aborted) return;
     try {
@@ -299,7 +327,7 @@ export function renderJob(root, signal, jobId) {
       return;
     }
     streamEvents(jobId, { onEvents, signal, onError: (error) => fill(message, errorNotice(error.message)) });
-    await Promise.all([loadTelemetry(), loadCheckpoints(), loadEvaluations()]);
+    await Promise.all([loadTelemetry(), loadCheckpoints(), loadEvaluations(), loadExports()]);
     setTimeout(poll, TERMINAL.has(state.job.status) ? 0 : POLL_MS);
   })();
 }

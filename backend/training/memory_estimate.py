@@ -57,6 +57,8 @@ CUBLAS_HANDLES_IN_TRAINING = 2
 # The CUDA caching allocator's fragmentation, as a share of everything else.
 CUDA_ALLOCATOR_SLACK = 0.05
 NF4_BLOCK = 64
+# The plain loss's working set per logit (--no_chunked_loss): three fp32 copies, measured on the CPU as live tensors
+WHOLE_LOGITS_BYTES_PER_LOGIT = 12
 # --offload_activations: layer inputs on the device in the backward (the one recomputed, the next one prefetched)
 OFFLOAD_LAYERS_ON_DEVICE = 2
 # bitsandbytes' 8-bit optimizers: states quantized in blocks of this many, tensors below the minimum kept fp32
@@ -310,8 +312,9 @@ def loss_bytes(options: TrainingOptions, shape: ModelShape, *, tokens: int, chun
     element = compute_bytes(options)
     if chunked_loss:
         return chunked_loss_bytes(tokens, shape.vocab, shape.hidden, element_bytes=element)
-    # logits, fp32 log-softmax, its gradient, the logits' gradient and the shifted-slice gradient
-    return tokens * shape.vocab * (2 * element + 12)
+    # Measured as live tensors (tests/training/test_memory_measured.py, 32,000-token head): fp32 and bf16 alike
+    # peak at three fp32 copies of the logits (the shifted copy, the log-softmax and its gradient), not five.
+    return tokens * shape.vocab * WHOLE_LOGITS_BYTES_PER_LOGIT
 
 
 def _layer_activation_bytes(

@@ -153,11 +153,12 @@ def test_chunked_loss_plans_one_slice_of_the_logits(config_folders: dict[str, Pa
     plain = estimate_memory(options.model_copy(update={"chunked_loss": False}), gpt2)
     chunked = estimate_memory(options, gpt2)
     tokens = 8 * 512
-    # the whole logits' term is gone: what is left of the loss is one 128 MiB slice plus bytes per token
-    assert chunked.breakdown.activations < plain.breakdown.activations - tokens * 50257 * 4 * 3
+    # the whole logits' term is gone (what is left of the loss is one 128 MiB slice plus bytes per token): the
+    # checkpointed peak is now one layer's recompute, not the loss
+    assert chunked.breakdown.activations < plain.breakdown.activations - tokens * 50257 * 4
     assert chunked.savings["chunked_loss"] == plain.breakdown.activations - chunked.breakdown.activations
     assert "chunked_loss" in chunked.techniques and "chunked_loss" not in plain.techniques
-    assert "--chunked_loss saves 3.0 GiB" in format_plan(chunked)
+    assert "--chunked_loss saves 1.4 GiB" in format_plan(chunked)
 
 
 def test_small_budget_gets_a_recommendation_that_fits(llama7b: PretrainedConfig) -> None:

@@ -28,6 +28,7 @@ class _Offloaded:
 
     host: torch.Tensor
     device: torch.device
+    version: int = 0  # the source tensor's version when copied: an in-place change after it needs a new copy
     copied: torch.cuda.Event | None = None  # the device-to-host copy (CUDA)
     fetched: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None  # the host-to-device copy (CUDA)
@@ -40,8 +41,9 @@ class ActivationOffloader:
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         # Forward order, weakly: the autograd graph owns the entries, so a freed graph frees its host copies.
         self._order: list[weakref.ref[_Offloaded]] = []
-        # A tensor handed to every layer (rotary cos/sin, a packed 4D mask) is copied once per forward.
-        self._by_tensor: weakref.WeakValueDictionary[tuple[Any, ...], _Offloaded] = weakref.WeakValueDictionary()
+        # A tensor handed to every layer (rotary cos/sin, a packed 4D mask) is copied once while it lives. Keyed by
+        # the tensor object itself (weakly), never by its address: a freed layer input's memory is soon reused.
+        self._by_tensor: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[_Offloaded]]] = {}
         self.offloaded_bytes = 0  # host bytes packed so far (what the plan's host term counts), for the tests
 
     def wrap(self, checkpoint_function: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,16 +57,24 @@ class ActivationOffloader:
 
     def pack(self, tensor: torch.Tensor) -> _Offloaded:
         """Copy a saved tensor to host memory (async on CUDA); the device copy is freed with the caller's."""
-        key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device, tensor._version)
-        shared = self._by_tensor.get(key)
+        shared = self._shared_copy(tensor)
         if shared is not None:
             return shared
         entry = self._copy_to_host(tensor)
-        self._by_tensor[key] = entry
+        self._by_tensor = {key: refs for key, refs in self._by_tensor.items() if refs[0]() is not None}
+        self._by_tensor[id(tensor)] = (weakref.ref(tensor), weakref.ref(entry))
         self._order = [ref for ref in self._order if ref() is not None]
         self._order.append(weakref.ref(entry))
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
         return entry
+
+    def _shared_copy(self, tensor: torch.Tensor) -> _Offloaded | None:
+        """The host copy already made of this very tensor (unchanged since), if any."""
+        source, entry = self._by_tensor.get(id(tensor), (None, None))
+        if source is None or entry is None or source() is not tensor:
+            return None
+        copy = entry()
+        return copy if copy is not None and copy.version == tensor._version else None
 
     def unpack(self, entry: _Offloaded) -> torch.Tensor:
         """The tensor back on its device for the recompute; the next layer's input starts coming meanwhile."""
@@ -83,7 +93,7 @@ class ActivationOffloader:
         if self.stream is None or tensor.device.type != "cuda":
             host = torch.empty_like(tensor, device="cpu")
             host.copy_(tensor.detach())
-            return _Offloaded(host, tensor.device)
+            return _Offloaded(host, tensor.device, tensor._version)
         host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is complete before it is copied
         with torch.cuda.stream(self.stream):
@@ -91,7 +101,7 @@ class ActivationOffloader:
             copied = torch.cuda.Event()
             copied.record(self.stream)
         tensor.record_stream(self.stream)  # its memory is not reused until the copy has read it
-        return _Offloaded(host, tensor.device, copied=copied)
+        return _Offloaded(host, tensor.device, tensor._version, copied=copied)
 
     def _fetch(self, entry: _Offloaded) -> None:
         if entry.fetched is not None or self.stream is None:

@@ -155,3 +155,19 @@ def test_the_plan_chooses_offload_when_tight_and_checks_the_host(monkeypatch):
     monkeypatch.setattr("backend.training.memory.psutil.virtual_memory", lambda: NoRam())
     starved = plan_memory(options, config, budget_bytes=budget, device="cuda")
     assert starved.recommended_changes.get("offload_activations") is not True
+
+
+def test_a_tensor_at_a_freed_tensors_address_gets_its_own_copy():
+    offloader = ActivationOffloader()
+    memory = torch.full((256, 64), 1.0)
+    first = memory.view(256, 64)
+    kept = offloader.pack(first)  # the graph holds this entry while later layers run
+    assert offloader.pack(first) is kept  # the same tensor again (e.g. rotary cos/sin): one host copy
+    del first
+    # The freed block handed out again with new contents and the same address, shape and version (the GPU's
+    # caching allocator does this to layer inputs all the time): a copy keyed by address would be stale.
+    memory.data.fill_(2.0)
+    second = memory.view(256, 64)
+    entry = offloader.pack(second)
+    assert entry is not kept and torch.equal(offloader.unpack(entry), torch.full((256, 64), 2.0))
+    assert torch.equal(offloader.unpack(kept), torch.full((256, 64), 1.0))

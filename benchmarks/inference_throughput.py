@@ -75,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="inference-throughput-"))
     base = make_tiny_model(tmp / "models" / "bench-gpt2", hidden=256, layers=4, heads=4, context=1024)
-    adapter = make_adapter(base, tmp / "adapter")
+    adapter = make_adapter(base, tmp / "data" / "adapter")  # the engine loads adapters from the data folder only
     port = free_port()
     env = stack_env(tmp / "data", tmp / "models", inference_port=str(port), inference_device="cpu")
     env["OMP_NUM_THREADS"] = "1"

@@ -221,8 +221,11 @@ class Engine:
 
     def register(self, spec: AdapterSpec) -> None:
         """Make `spec.name` servable; it loads on its first request."""
-        if not (spec.path / "adapter_config.json").is_file():
-            raise InvalidRequest(f"{spec.path} holds no adapter (adapter_config.json).", param="lora_path")
+        # Only adapters the service stored (under the data folder), only safetensors: never a pickle from elsewhere.
+        if not spec.path.resolve().is_relative_to(self.settings.data_dir.resolve()):
+            raise InvalidRequest("lora_path must be a folder under the data directory.", param="lora_path")
+        if not (spec.path / "adapter_config.json").is_file() or not (spec.path / "adapter_model.safetensors").is_file():
+            raise InvalidRequest(f"{spec.path} holds no safetensors adapter.", param="lora_path")
         if spec.quantization not in (None, *QUANTIZATIONS):
             raise InvalidRequest("quantization must be 4bit, 8bit or null.", param="quantization")
         self.adapters[spec.name] = spec

@@ -12,6 +12,7 @@ from backend.config import Settings
 from backend.inference.engine import AdapterSpec, Engine, Sink
 from backend.inference.protocol import GenerationRequest, Sampling
 from backend.inference.rendering import chat_prompt, completion_prompt
+from backend.services.errors import InvalidRequest
 from backend.training.datasets import render_segments
 from backend.training.tiny_models import build_tokenizer, make_tiny_model
 
@@ -48,8 +49,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     settings = Settings(models_dir=tmp / "models", data_dir=tmp / "data", inference_adapter_cache=1)
     running = Engine(settings, device="cpu")
     for name, seed in (("a", 1), ("b", 2)):
-        running.register(AdapterSpec(name=name, path=random_adapter(base, tmp / name, seed), base_model="tiny-gpt2"))
-    running.register(AdapterSpec(name="a-4bit", path=tmp / "a", base_model="tiny-gpt2", quantization="4bit"))
+        folder = random_adapter(base, tmp / "data" / name, seed)
+        running.register(AdapterSpec(name=name, path=folder, base_model="tiny-gpt2"))
+    running.register(AdapterSpec(name="a-4bit", path=tmp / "data" / "a", base_model="tiny-gpt2", quantization="4bit"))
+    outside = random_adapter(base, tmp / "elsewhere", 3)
+    with pytest.raises(InvalidRequest, match="under the data directory"):
+        running.register(AdapterSpec(name="outside", path=outside, base_model="tiny-gpt2"))
     return running
 
 

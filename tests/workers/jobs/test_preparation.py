@@ -1,0 +1,43 @@
+"""The worker's memory planning before a job runs: max_seq_length "auto" is resolved for the device it gets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backend.devices import Device
+from backend.training.memory import GIB
+from backend.training.options import TrainingOptions
+from backend.workers.jobs.preparation import JobRefused, plan_for_devices
+from benchmarks.context_planning import LLAMA_31_8B, qlora_options
+
+
+def _gpu(free_gib: int) -> Device:
+    return Device(label="cuda:0", name="a GPU", total_bytes=free_gib * GIB, free_bytes=free_gib * GIB, uuid="GPU-0")
+
+
+@pytest.fixture
+def llama_8b(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    return tmp_path
+
+
+def _auto(folder: Path) -> TrainingOptions:
+    return qlora_options(str(folder), max_seq_length="auto")
+
+
+def test_auto_becomes_the_longest_length_the_gpu_fits(llama_8b):
+    options, plan, notes = plan_for_devices(_auto(llama_8b), llama_8b, [_gpu(24)])
+
+    assert isinstance(options.max_seq_length, int) and options.max_seq_length == plan.max_seq_length > 25_000
+    assert plan.fits and plan.device == "cuda" and any("--max_seq_length auto" in note for note in notes)
+
+
+def test_auto_on_a_gpu_that_fits_nothing_is_refused_naming_the_smallest_budget(llama_8b):
+    with pytest.raises(JobRefused) as refused:
+        plan_for_devices(_auto(llama_8b), llama_8b, [_gpu(8)])
+
+    assert refused.value.code == "out_of_memory" and refused.value.param == "training.max_seq_length"
+    assert "the smallest budget that fits is 9.73 GiB" in refused.value.message

@@ -42,7 +42,7 @@ def _key_for(job: Job) -> str:
         return create_key(session=session, project=project)
 
 
-@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("stack", ["postgresql", "sqlite"], indirect=True)
 def test_a_trained_job_exports_a_merged_model_that_downloads_and_loads(
     stack: WorkerStack, api: TestClient, tmp_path: Path
 ) -> None:

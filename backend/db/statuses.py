@@ -1,4 +1,4 @@
-"""The states of leased rows and the moves between them: one table each for jobs and evaluations.
+"""The states of leased rows and the moves between them: one table each for jobs, evaluations and exports.
 
 The members are `StrEnum`s, so they compare equal to (and are stored and served as) the plain strings.
 """

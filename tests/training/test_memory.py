@@ -253,3 +253,14 @@ def test_format_plan_shows_components_budget_and_recommendation(llama7b: Pretrai
     for word in ("Weights", "Adapters", "Gradients", "Optimizer", "Activations", "Overhead", "Total", "Budget",
                  "DOES NOT FIT", "Recommendation:", "GiB", "MiB"):
         assert word in text
+
+
+def test_the_chunked_loss_is_the_first_change_recommended(config_folders: dict[str, Path]) -> None:
+    gpt2 = load_model_config(str(config_folders["gpt2small"]))
+    options = _options(use_lora=True, gradient_checkpointing=True, per_device_train_batch_size=8, chunked_loss=False)
+    chunked = estimate_memory(options.model_copy(update={"chunked_loss": True}), gpt2, device="cuda")
+
+    plan = plan_memory(options, gpt2, budget_bytes=chunked.estimate_bytes, device="cuda")
+
+    assert plan.fits is False and plan.recommended_changes == {"chunked_loss": True}
+    assert plan.recommendation is not None and plan.recommendation.startswith("enable --chunked_loss")

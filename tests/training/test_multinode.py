@@ -71,7 +71,7 @@ def test_two_machines_of_cpu_ranks_train_under_zero3(tiny_llama, learnable_data,
     _assert_one_adapter_that_learned(outputs, tiny_llama, tmp_path / "run")
 
 
-def test_the_launch_command_carries_the_machine_flags():
+def test_the_launch_command_carries_the_machine_flags(tmp_path):
     options = TrainingOptions(num_machines=3, machine_rank=2, main_process_ip="10.0.0.1", main_process_port=29500)
     assert machine_flags(options) == ["--num_machines", "3", "--machine_rank", "2", "--main_process_ip",
                                       "10.0.0.1", "--main_process_port", "29500"]
@@ -79,7 +79,8 @@ def test_the_launch_command_carries_the_machine_flags():
     per_machine = max(torch.cuda.device_count(), 1)
     assert command[1:5] == ["launch", "--multi_gpu", "--num_processes", str(3 * per_machine)]
     assert command[-3:] == [str(TRAIN_SAFE_PATH), "--model", "m"]
-    zero = multi_node_launch_command(options.model_copy(update={"deepspeed": "zero3", "output_dir": "/tmp/x"}), [])
+    zero = multi_node_launch_command(options.model_copy(update={"deepspeed": "zero3"}), ["--output_dir", str(tmp_path)])
+    assert (tmp_path / "deepspeed_zero3.json").is_file()  # the preset's config, beside the run's output
     assert "--use_deepspeed" in zero and zero[zero.index("--machine_rank") + 1] == "2"
     assert zero.count("--num_machines") == 1
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -110,3 +112,24 @@ def test_eight_bit_optimizers_are_refused_without_bitsandbytes(monkeypatch):
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="adamw_torch"):
         TrainingOptions(optim="sgd")  # type: ignore[arg-type]
+
+
+def test_a_resumed_8bit_run_continues_as_if_uninterrupted(tiny_llama, learnable_data, tmp_path, single_torch_thread):
+    import shutil
+
+    def options(output_dir: Path, **extra: object) -> TrainingOptions:
+        return TrainingOptions(
+            model=str(tiny_llama), data=str(learnable_data), output_dir=str(output_dir), optim="adamw_8bit",
+            learning_rate=3e-3, max_seq_length=32, per_device_train_batch_size=4, max_steps=4, save_steps=2,
+            logging_steps=1, gradient_checkpointing=False, **extra,
+        )
+
+    whole = tmp_path / "whole"
+    assert run_training(options(whole)).status == "succeeded"
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")  # the 8-bit states are in optimizer.pt
+    result = run_training(options(resumed, resume_from_checkpoint="latest"))
+    assert result.status == "succeeded", result.error_message
+    expected = read_trainer_state(whole / "checkpoint-4").recent_losses
+    assert read_trainer_state(resumed / "checkpoint-4").recent_losses == pytest.approx(expected, abs=1e-5)

@@ -14,7 +14,12 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import START_TIMEOUT, Stack, base_env
+from tests.e2e.conftest import (
+    START_TIMEOUT,
+    Stack,
+    base_env,
+    postgres_database,  # noqa: F401 - the fixture, for test_postgres_redis.py
+)
 from tests.support.network import free_port
 from tests.support.waiting import wait_for
 

@@ -4,20 +4,19 @@ evaluations that follow its training."""
 from __future__ import annotations
 
 import logging
-import os
-import socket
+from functools import partial
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.config import get_settings
-from backend.db.models import Job, now
+from backend.db.models import Job
 from backend.db.statuses import TERMINAL_JOB_STATUSES, JobStatus
 from backend.services import evaluation_runs
 from backend.workers.celery_app import app
 from backend.workers.dispatch import enqueue_evaluation
 from backend.workers.evaluations.run import EvaluationRun
-from backend.workers.writes import with_retry
+from backend.workers.writes import claim_attempt, with_retry
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +25,10 @@ logger = logging.getLogger(__name__)
 def run_evaluation(evaluation_id: str) -> None:
     """Run evaluation `evaluation_id` (the message carries nothing else)."""
     settings = get_settings()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
-    stale_before = now() - int(settings.heartbeat_expiry_seconds)
-    claimed = with_retry(lambda s: evaluation_runs.claim_evaluation(
-        session=s, evaluation_id=evaluation_id, worker=worker, stale_before=stale_before))
-    if isinstance(claimed, str):
-        logger.info("evaluation %s: not run (%s)", evaluation_id, claimed)
-        return
-    EvaluationRun(claimed, settings).run()
+    claimed = claim_attempt(partial(evaluation_runs.claim_evaluation, evaluation_id=evaluation_id), settings=settings,
+                            log=logger, label=f"evaluation {evaluation_id}")
+    if claimed is not None:
+        EvaluationRun(claimed, settings).run()
 
 
 def follow_training(job_id: str) -> None:

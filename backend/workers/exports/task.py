@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
+from functools import partial
 
 from backend.config import get_settings
-from backend.db.models import now
 from backend.services import export_runs
 from backend.workers.celery_app import app
 from backend.workers.exports.run import ExportRun
-from backend.workers.writes import with_retry
+from backend.workers.writes import claim_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +18,7 @@ logger = logging.getLogger(__name__)
 def run_export(export_id: str) -> None:
     """Run export `export_id` (the message carries nothing else)."""
     settings = get_settings()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
-    stale_before = now() - int(settings.heartbeat_expiry_seconds)
-    claimed = with_retry(lambda s: export_runs.claim_export(
-        session=s, export_id=export_id, worker=worker, stale_before=stale_before))
-    if isinstance(claimed, str):
-        logger.info("export %s: not run (%s)", export_id, claimed)
-        return
-    ExportRun(claimed, settings).run()
+    claimed = claim_attempt(partial(export_runs.claim_export, export_id=export_id), settings=settings, log=logger,
+                            label=f"export {export_id}")
+    if claimed is not None:
+        ExportRun(claimed, settings).run()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 
 from backend.config import get_settings
 from backend.db.fence import StaleAttemptError
@@ -14,6 +12,7 @@ from backend.workers.celery_app import app
 from backend.workers.evaluations.task import follow_training
 from backend.workers.jobs.attempt import run_attempt
 from backend.workers.jobs.recorder import AttemptRecorder
+from backend.workers.writes import worker_name
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ logger = logging.getLogger(__name__)
 def run_job(job_id: str) -> None:
     """Run one attempt of fine-tuning job `job_id` (the message carries nothing else)."""
     settings = get_settings()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker_name()
     with session_scope() as session:
         claimed = job_runs.claim_job(session=session, job_id=job_id, worker=worker)
     if claimed is None:

@@ -26,7 +26,7 @@ def _manifest_bytes(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
 
 
-def _write_whole(destination: Path, temporary: Path, fill: Callable[[zipfile.ZipFile], None], **zip_args: Any) -> None:
+def write_whole(destination: Path, temporary: Path, fill: Callable[[zipfile.ZipFile], None], **zip_args: Any) -> None:
     """Write a zip with `fill` to `temporary`, fsync it and rename it to `destination`; nothing left on failure."""
     try:
         with zipfile.ZipFile(temporary, "w", **zip_args) as archive:
@@ -37,6 +37,13 @@ def _write_whole(destination: Path, temporary: Path, fill: Callable[[zipfile.Zip
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def add_file(archive: zipfile.ZipFile, path: Path) -> None:
+    """Add one file under its own name, streamed from disk; safetensors stored, the rest deflated."""
+    # safetensors do not compress: store them and spare the CPU.
+    method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+    archive.write(path, arcname=path.name, compress_type=method)
 
 
 def archive_adapter(adapter_dir: Path, destination: Path, *, extra_manifest: dict[str, Any]) -> None:
@@ -50,13 +57,11 @@ def archive_adapter(adapter_dir: Path, destination: Path, *, extra_manifest: dic
         for path in sorted(adapter_dir.iterdir()):
             if not path.is_file() or path.name.startswith(".") or path.name in (*_NOT_ARCHIVED, MANIFEST_FILENAME):
                 continue
-            # safetensors do not compress: store them and spare the CPU.
-            method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
-            archive.write(path, arcname=path.name, compress_type=method)
+            add_file(archive, path)
         archive.writestr(MANIFEST_FILENAME, _manifest_bytes(manifest))
 
-    _write_whole(destination, destination.with_name(f".{destination.name}.part"), fill,
-                 compression=zipfile.ZIP_DEFLATED)
+    write_whole(destination, destination.with_name(f".{destination.name}.part"), fill,
+                compression=zipfile.ZIP_DEFLATED)
 
 
 def rewrite_manifest(archive_path: Path, change: Callable[[dict[str, Any]], Any]) -> None:
@@ -74,7 +79,7 @@ def rewrite_manifest(archive_path: Path, change: Callable[[dict[str, Any]], Any]
                         shutil.copyfileobj(reader, writer, _COPY_CHUNK)
             target.writestr(MANIFEST_FILENAME, _manifest_bytes(manifest), compress_type=zipfile.ZIP_DEFLATED)
 
-        _write_whole(archive_path, archive_path.with_name(f".{archive_path.name}.rewrite"), fill)
+        write_whole(archive_path, archive_path.with_name(f".{archive_path.name}.rewrite"), fill)
 
 
 def unpack_adapter(archive_path: Path, folder: Path) -> None:

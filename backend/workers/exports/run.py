@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import threading
 import zipfile
@@ -30,7 +29,7 @@ from backend.services import export_runs
 from backend.services.export_runs import ClaimedExport
 from backend.services.storage import hash_file
 from backend.training.merge import DEFAULT_MAX_SHARD_SIZE
-from backend.workers.adapter_archive import unpack_adapter
+from backend.workers.adapter_archive import add_file, unpack_adapter, write_whole
 from backend.workers.supervisor import ChildExit, ChildSpec, Supervisor
 from backend.workers.writes import with_retry
 
@@ -220,17 +219,11 @@ def _record_success(session: Session, claimed: ClaimedExport, *, path: str, sha2
 
 def archive_folder(folder: Path, destination: Path) -> None:
     """Zip the folder's files (flat names) to `destination` via a fsynced temporary file renamed into place."""
-    temporary = destination.with_name(f".{destination.name}.part")
-    try:
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-            for path in sorted(folder.iterdir()):
-                if path.is_file():
-                    # safetensors do not compress: store them and spare the CPU. write() streams from disk.
-                    method = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
-                    archive.write(path, arcname=path.name, compress_type=method)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    def fill(archive: zipfile.ZipFile) -> None:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                add_file(archive, path)
+
+    write_whole(destination, destination.with_name(f".{destination.name}.part"), fill,
+                compression=zipfile.ZIP_DEFLATED, allowZip64=True)

@@ -20,8 +20,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,22 @@ def hold_device(
             return None
         time.sleep(interval)
         candidates = candidate_devices()
+
+
+@contextlib.contextmanager
+def beating(beat: Callable[[], bool], *, interval: float, name: str) -> Iterator[None]:
+    """Call `beat` from thread `name` every `interval` seconds while the caller works, until it returns False."""
+    stopping = threading.Event()
+
+    def loop() -> None:
+        while not stopping.wait(interval):
+            if not beat():
+                return
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopping.set()
+        thread.join()

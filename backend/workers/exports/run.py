@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import shutil
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from backend.services.export_runs import ClaimedExport
 from backend.services.storage import hash_file
 from backend.training.merge import DEFAULT_MAX_SHARD_SIZE
 from backend.workers.adapter_archive import add_file, unpack_adapter, write_whole
-from backend.workers.supervisor import ChildExit, ChildSpec, Supervisor
+from backend.workers.supervisor import ChildExit, ChildSpec, Supervisor, beating
 from backend.workers.writes import with_retry
 
 logger = logging.getLogger(__name__)
@@ -183,26 +182,20 @@ class ExportRun:
     @contextlib.contextmanager
     def _keep_alive(self) -> Iterator[None]:
         """Heartbeat from a thread while the folder is zipped and hashed; a cancel or a lost row stops it."""
-        stopping = threading.Event()
         stop: list[BaseException] = []
 
-        def beat() -> None:
-            while not stopping.wait(self.settings.heartbeat_seconds):
-                try:
-                    if self._heartbeat() == "cancel":
-                        stop.append(Cancelled())
-                        return
-                except Exception as error:  # stale or unreachable: stop storing what nobody will record
-                    stop.append(error)
-                    return
+        def beat() -> bool:
+            try:
+                if self._heartbeat() == "cancel":
+                    stop.append(Cancelled())
+                    return False
+            except Exception as error:  # stale or unreachable: stop storing what nobody will record
+                stop.append(error)
+                return False
+            return True
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{self.claimed.id}", daemon=True)
-        thread.start()
-        try:
+        with beating(beat, interval=self.settings.heartbeat_seconds, name=f"heartbeat-{self.claimed.id}"):
             yield
-        finally:
-            stopping.set()
-            thread.join()
         if stop:
             raise stop[0]
 

@@ -10,7 +10,6 @@ acknowledgement was lost does not store them twice.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from sqlalchemy.orm import Session
 from backend.db.models import new_id
 from backend.services import job_runs
 from backend.training.events import TrainingEvent
+from backend.workers.supervisor import beating
 from backend.workers.writes import with_retry
 
 logger = logging.getLogger(__name__)
@@ -156,20 +156,14 @@ class AttemptRecorder:
 @contextmanager
 def keep_alive(recorder: AttemptRecorder, interval: float) -> Iterator[None]:
     """Heartbeat from a thread while the caller does slow work that writes none (validation, archiving)."""
-    stopping = threading.Event()
 
-    def beat() -> None:
-        while not stopping.wait(interval):
-            try:
-                recorder.heartbeat()
-            except Exception:  # stale or unreachable: the caller's own next write reports it
-                logger.warning("job %s: heartbeat failed", recorder.job_id, exc_info=True)
-                return
+    def beat() -> bool:
+        try:
+            recorder.heartbeat()
+        except Exception:  # stale or unreachable: the caller's own next write reports it
+            logger.warning("job %s: heartbeat failed", recorder.job_id, exc_info=True)
+            return False
+        return True
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{recorder.job_id}", daemon=True)
-    thread.start()
-    try:
+    with beating(beat, interval=interval, name=f"heartbeat-{recorder.job_id}"):
         yield
-    finally:
-        stopping.set()
-        thread.join()

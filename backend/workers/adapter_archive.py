@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from backend.config import Settings
 from backend.training.manifest import MANIFEST_FILENAME
 
 # What the output folder holds besides the adapter: never part of the archive.
@@ -92,3 +93,12 @@ def unpack_adapter(archive_path: Path, folder: Path) -> None:
                 raise ValueError(f"unexpected entry {member!r} in the adapter archive")
             with archive.open(member) as source, open(folder / member, "wb") as target:
                 shutil.copyfileobj(source, target, _COPY_CHUNK)  # adapters can be large: never whole in memory
+
+
+def unpack_beside_base(settings: Settings, *, model: str, adapter_path: str, folder: Path) -> Path:
+    """Unpack the stored adapter archive into `folder`; the base model's folder, which must still be there."""
+    base = (settings.models_dir / model).resolve()
+    if base.parent != settings.models_dir.resolve() or not (base / "config.json").is_file():
+        raise FileNotFoundError(f"the base model {model!r} is no longer in the models directory")
+    unpack_adapter(settings.data_dir / adapter_path, folder)
+    return base

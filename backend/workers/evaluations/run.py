@@ -21,7 +21,7 @@ from backend.devices import DeviceLease
 from backend.services import evaluation_runs
 from backend.services.evaluation_runs import ClaimedEvaluation
 from backend.services.storage import hash_file
-from backend.workers.adapter_archive import rewrite_manifest, unpack_adapter
+from backend.workers.adapter_archive import rewrite_manifest, unpack_beside_base
 from backend.workers.jobs.recorder import with_retry
 from backend.workers.supervisor import ChildExit, ChildSpec, Supervisor, hold_device
 
@@ -110,11 +110,8 @@ class EvaluationRun:
     def _prepare(self) -> dict[str, Any]:
         """Unpack the adapter archive next to a spec for the child; the base model must still be there."""
         claimed, settings = self.claimed, self.settings
-        base = (settings.models_dir / claimed.model).resolve()
-        if base.parent != settings.models_dir.resolve() or not (base / "config.json").is_file():
-            raise FileNotFoundError(f"the base model {claimed.model!r} is no longer in the models directory")
         adapter_dir = self.work_dir / "adapter"
-        unpack_adapter(settings.data_dir / claimed.adapter_path, adapter_dir)
+        base = unpack_beside_base(settings, model=claimed.model, adapter_path=claimed.adapter_path, folder=adapter_dir)
         return {
             "base_model": str(base), "adapter_dir": str(adapter_dir),
             "eval_data": str((settings.data_dir / claimed.eval_path).resolve()), "options": claimed.options,

@@ -28,7 +28,7 @@ from backend.services import export_runs
 from backend.services.export_runs import ClaimedExport
 from backend.services.storage import hash_file
 from backend.training.merge import DEFAULT_MAX_SHARD_SIZE
-from backend.workers.adapter_archive import add_file, unpack_adapter, write_whole
+from backend.workers.adapter_archive import add_file, unpack_beside_base, write_whole
 from backend.workers.supervisor import ChildExit, ChildSpec, Supervisor, beating
 from backend.workers.writes import with_retry
 
@@ -117,11 +117,8 @@ class ExportRun:
     def _prepare(self) -> dict[str, Any]:
         """Unpack the adapter archive next to a spec for the child; the base model must still be there."""
         claimed, settings = self.claimed, self.settings
-        base = (settings.models_dir / claimed.model).resolve()
-        if base.parent != settings.models_dir.resolve() or not (base / "config.json").is_file():
-            raise FileNotFoundError(f"the base model {claimed.model!r} is no longer in the models directory")
         adapter_dir = self.work_dir / "adapter"
-        unpack_adapter(settings.data_dir / claimed.adapter_path, adapter_dir)
+        base = unpack_beside_base(settings, model=claimed.model, adapter_path=claimed.adapter_path, folder=adapter_dir)
         out_dir = self.work_dir / "merged"
         shutil.rmtree(out_dir, ignore_errors=True)  # a requeued attempt starts over
         return {

@@ -16,10 +16,9 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Evaluation, Job, JobEvent, Project
 from backend.db.statuses import EvaluationStatus, JobStatus
-from backend.services.errors import InvalidRequest, NotFound
+from backend.services.errors import InvalidRequest
 from backend.services.evaluation_options import EvaluationOptions, validate_request
-from backend.services.ids import looks_like_id
-from backend.services.pagination import Page, keyset_page
+from backend.services.pagination import Page, keyset_page, row_of_job
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,5 @@ def list_evaluations(*, session: Session, job: Job, after: str | None, limit: in
 
 def get_evaluation(*, session: Session, job: Job, evaluation_id: str) -> Evaluation:
     """One evaluation of the job, or NotFound."""
-    row = None
-    if looks_like_id(evaluation_id):
-        row = session.scalar(select(Evaluation).where(
-            Evaluation.id == evaluation_id, Evaluation.job_id == job.id, Evaluation.project_id == job.project_id))
-    if row is None:
-        raise NotFound(f"No such evaluation: {evaluation_id[:100]}", param="evaluation_id")
-    return row
+    return row_of_job(session=session, model=Evaluation, job=job, row_id=evaluation_id, noun="evaluation",
+                      param="evaluation_id")

@@ -14,9 +14,8 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Export, Job, JobEvent, now
 from backend.db.statuses import ExportStatus, JobStatus
-from backend.services.errors import InvalidRequest, NotFound
-from backend.services.ids import looks_like_id
-from backend.services.pagination import Page, keyset_page
+from backend.services.errors import InvalidRequest
+from backend.services.pagination import Page, keyset_page, row_of_job
 
 EXPORT_FORMATS = ("merged",)
 FINISHED_EXPORT_STATUSES = frozenset({ExportStatus.SUCCEEDED, ExportStatus.FAILED, ExportStatus.CANCELLED})
@@ -58,13 +57,7 @@ def list_exports(*, session: Session, job: Job, after: str | None, limit: int) -
 
 def get_export(*, session: Session, job: Job, export_id: str) -> Export:
     """One export of the job, or NotFound."""
-    row = None
-    if looks_like_id(export_id):
-        row = session.scalar(select(Export).where(
-            Export.id == export_id, Export.job_id == job.id, Export.project_id == job.project_id))
-    if row is None:
-        raise NotFound(f"No such export: {export_id[:100]}", param="export_id")
-    return row
+    return row_of_job(session=session, model=Export, job=job, row_id=export_id, noun="export", param="export_id")
 
 
 def cancel_export(*, session: Session, job: Job, export_id: str) -> Export:

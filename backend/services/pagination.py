@@ -1,17 +1,20 @@
-"""Keyset pagination over a table's `seq`: `after=<id>` continues past that row, never with OFFSET."""
+"""Keyset pagination over a table's `seq`: `after=<id>` continues past that row, never with OFFSET; and one row
+of a job by its id."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, tuple_
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session
 
-from backend.services.errors import InvalidRequest
+from backend.db.models import Evaluation, Export, Job
+from backend.services.errors import InvalidRequest, NotFound
 from backend.services.ids import looks_like_id
 
 Row = TypeVar("Row")
+JobRow = TypeVar("JobRow", Evaluation, Export)
 
 MAX_PAGE_SIZE = 10_000
 
@@ -74,3 +77,14 @@ def keyset_page(
     query = query.order_by(*(key.desc() if descending else key.asc() for key in order)).limit(limit + 1)
     rows = list(session.scalars(query))
     return Page(rows=rows[:limit], has_more=len(rows) > limit)
+
+
+def row_of_job(*, session: Session, model: type[JobRow], job: Job, row_id: str, noun: str, param: str) -> JobRow:
+    """The `model` row `row_id` of the job (in its project), or NotFound naming the `noun`."""
+    row = None
+    if looks_like_id(row_id):
+        row = session.scalar(select(model).where(
+            model.id == row_id, model.job_id == job.id, model.project_id == job.project_id))
+    if row is None:
+        raise NotFound(f"No such {noun}: {row_id[:100]}", param=param)
+    return row

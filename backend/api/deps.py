@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
 
+from backend.api.schemas import Item, list_response
 from backend.config import Settings
 from backend.db.models import Job, Project
 from backend.services import jobs as job_service
 from backend.services.errors import ServiceError
 from backend.services.keys import job_for_key, project_for_key
+from backend.services.pagination import Page
+
+Row = TypeVar("Row")
 
 
 class Unauthorized(ServiceError):
@@ -50,6 +54,12 @@ def release_connection(session: Session) -> None:
     (the session does not expire them on commit).
     """
     session.commit()
+
+
+def page_response(session: Session, page: Page[Row], view: Callable[[Row], Item]) -> dict[str, Any]:
+    """The list answer for one page of rows, each shown with `view`, after the connection is released."""
+    release_connection(session)
+    return list_response([view(row) for row in page.rows], has_more=page.has_more)
 
 
 # Declares `Authorization: Bearer <key>` in the OpenAPI document (async, so it costs no thread hop); the key itself

@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
-from backend.api.deps import BEARER, JobDep, ProjectDep, SessionDep, release_connection
+from backend.api.deps import BEARER, JobDep, ProjectDep, SessionDep, page_response, release_connection
 from backend.api.evaluation_schemas import EvaluationObject
-from backend.api.schemas import ListResponse, error_responses, list_response
+from backend.api.schemas import ListResponse, error_responses
 from backend.services import evaluations as evaluation_service
 from backend.services.evaluation_options import EvaluationOptions
 from backend.workers.dispatch import enqueue_evaluation
@@ -40,8 +40,7 @@ def create_evaluation(
 def list_evaluations(job: JobDep, session: SessionDep, after: str | None = None, limit: Limit = 20) -> dict[str, Any]:
     """Newest first."""
     page = evaluation_service.list_evaluations(session=session, job=job, after=after, limit=limit)
-    release_connection(session)
-    return list_response([EvaluationObject.of(row) for row in page.rows], has_more=page.has_more)
+    return page_response(session, page, EvaluationObject.of)
 
 
 @router.get("/{fine_tuning_job_id}/evaluations/{evaluation_id}", response_model=EvaluationObject,

@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
-from backend.api.deps import BEARER, JobDep, SessionDep, release_connection
-from backend.api.schemas import ExportObject, ListResponse, error_responses, list_response
+from backend.api.deps import BEARER, JobDep, SessionDep, page_response, release_connection
+from backend.api.schemas import ExportObject, ListResponse, error_responses
 from backend.services import exports as export_service
 from backend.services.export_runs import RUN_EXPORT
 from backend.workers.dispatch import send
@@ -41,8 +41,7 @@ def create_export(job: JobDep, session: SessionDep, body: Annotated[Any, Body()]
 def list_exports(job: JobDep, session: SessionDep, after: str | None = None, limit: Limit = 20) -> dict[str, Any]:
     """Newest first."""
     page = export_service.list_exports(session=session, job=job, after=after, limit=limit)
-    release_connection(session)
-    return list_response([ExportObject.of(row) for row in page.rows], has_more=page.has_more)
+    return page_response(session, page, ExportObject.of)
 
 
 @router.get("/{fine_tuning_job_id}/exports/{export_id}", response_model=ExportObject, summary="Retrieve an export")

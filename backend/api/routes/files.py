@@ -10,9 +10,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import BEARER, ProjectDep, SessionDep, SettingsDep, release_connection
+from backend.api.deps import BEARER, ProjectDep, SessionDep, SettingsDep, page_response, release_connection
 from backend.api.multipart import read_form
-from backend.api.schemas import FileDeleted, FileObject, ListResponse, error_responses, list_response
+from backend.api.schemas import FileDeleted, FileObject, ListResponse, error_responses
 from backend.services import files as file_service
 from backend.services.errors import InvalidRequest, NotFound, TooLarge
 
@@ -154,8 +154,7 @@ def list_files(
     page = file_service.list_files(
         session=session, project=project, purpose=purpose, after=after, limit=limit, order=order
     )
-    release_connection(session)
-    return list_response([FileObject.of(row) for row in page.rows], has_more=page.has_more)
+    return page_response(session, page, FileObject.of)
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.services.errors import TooLarge
-
-CHUNK_BYTES = 1 << 20
+from backend.training.merge import file_digest
 
 
 class UploadSink:
@@ -63,13 +62,7 @@ class UploadSink:
 
 def hash_file(path: Path) -> tuple[str, int]:
     """The sha256 hex digest and size of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    return file_digest(path)  # the export manifest's digest: training may not import services, so it lives there
 
 
 def copy_into(source: Path, destination: Path) -> None:

@@ -94,7 +94,17 @@ class File(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
-class Job(Base):
+class LeasedRow:
+    """The lease's columns on a row that one worker at a time holds as a numbered attempt (services/lease.py)."""
+
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Job(LeasedRow, Base):
     """A fine-tuning job: its request, its state machine, and what the worker reported."""
 
     __tablename__ = "jobs"
@@ -121,9 +131,6 @@ class Job(Base):
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
     result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     requested_action: Mapped[str | None] = mapped_column(String(16), nullable=True)
     memory_estimate_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     memory_peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -133,8 +140,6 @@ class Job(Base):
     progress_total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_epoch: Mapped[float | None] = mapped_column(nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
@@ -202,7 +207,7 @@ class Artifact(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
-class Evaluation(Base):
+class Evaluation(LeasedRow, Base):
     """A sandboxed code evaluation of a job's adapter: its request, its state and its pass@k results."""
 
     __tablename__ = "evaluations"
@@ -221,15 +226,10 @@ class Evaluation(Base):
     status: Mapped[str] = mapped_column(String(16), default=EvaluationStatus.QUEUED)
     results: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
-class Export(Base):
+class Export(LeasedRow, Base):
     """A job's adapter merged into its base and stored as a model folder archive (a result file of its own)."""
 
     __tablename__ = "exports"
@@ -246,11 +246,6 @@ class Export(Base):
     format: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=ExportStatus.QUEUED)
     requested_action: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -137,12 +137,15 @@ def save_adapter(
     *,
     base_folder: str | Path | None = None,
     state_dict: dict[str, Any] | None = None,
+    base_model_name: str | None = None,
 ) -> Path:
     """Save the LoRA adapter (or, for a full fine-tune, the whole model) and the tokenizer to `output_dir`.
 
     Refuses an `output_dir` that is, or is inside, the base model's folder (taken from the model, or
     `base_folder` when given). Files are written to a temporary folder first and moved in when complete.
     `state_dict`: the weights to write instead of the model's own (gathered from DeepSpeed ZeRO-3 shards).
+    adapter_config.json names the base by `base_model_name` (default: the name peft recorded, made portable),
+    never by this machine's path: the path and the weights' hashes are in safetrain.json.
     """
     for base in (base_folder, _model_base_folder(model)):
         assert_not_base_folder(output_dir, base)
@@ -153,6 +156,7 @@ def save_adapter(
         if _is_peft_model(model):
             model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
             (staging / "README.md").unlink(missing_ok=True)  # peft's model card: boilerplate with local paths
+            _name_base_portably(staging / "adapter_config.json", base_model_name)
         else:
             _save_full_model(model, staging, state_dict)
         tokenizer.save_pretrained(staging)
@@ -161,6 +165,18 @@ def save_adapter(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def _name_base_portably(config_path: Path, base_model_name: str | None) -> None:
+    """Rewrite adapter_config.json's base_model_name_or_path as the model's name (the in-memory config is kept)."""
+    from backend.training.modeling import portable_model_name
+
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    recorded = config.get("base_model_name_or_path")
+    name = base_model_name or (portable_model_name(recorded) if recorded else None)
+    if name is not None and name != recorded:
+        config["base_model_name_or_path"] = name
+        _atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save_full_model(model: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:

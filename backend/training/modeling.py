@@ -53,6 +53,18 @@ def _looks_like_path(model: str) -> bool:
     return os.path.isabs(model) or model.startswith((".", "~")) or "\\" in model or model.count("/") > 1
 
 
+def portable_model_name(model: str) -> str:
+    """The model's name as another machine would know it: a Hub id as given (also from its cache snapshot's path),
+    else the folder's name (a job's model under the models directory), never this machine's path."""
+    if not _looks_like_path(model) and not Path(model).expanduser().is_dir():
+        return model
+    parts = Path(model).expanduser().parts
+    for index, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[index + 1] == "snapshots":  # the Hub cache: models--org--name
+            return part.removeprefix("models--").replace("--", "/")
+    return Path(model).expanduser().resolve().name
+
+
 def resolve_model_source(model: str, *, cache_dir: str | Path | None = None) -> str:
     """The folder to load `model` from: a folder of that name here wins, else the Hub id's local cache copy."""
     if not model.strip():

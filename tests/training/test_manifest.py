@@ -17,7 +17,7 @@ from backend.training.manifest import (
     save_adapter,
     write_manifest,
 )
-from backend.training.modeling import load_model_and_tokenizer, weight_files_sha256
+from backend.training.modeling import load_model_and_tokenizer, portable_model_name, weight_files_sha256
 from backend.training.options import TrainingOptions
 from backend.training.tiny_models import make_tiny_model
 
@@ -155,3 +155,41 @@ def test_manifest_rewrite_replaces_whole_file_and_extra_cannot_clobber(tmp_path)
         write_manifest(tmp_path, metrics={}, extra={"metrics": {}}, **common)
     with pytest.raises(FileNotFoundError, match="not a safetrain output folder"):
         read_manifest(tmp_path / "elsewhere")
+
+
+def test_adapter_config_names_the_base_by_name_and_still_loads(base_folder, tmp_path):
+    options = TrainingOptions(model=str(base_folder), use_lora=True, lora_r=4)
+    model, tokenizer = load_model_and_tokenizer(options)
+    _train_a_few_steps(model, len(tokenizer))
+
+    output = save_adapter(model, tokenizer, tmp_path / "run", base_folder=base_folder)
+
+    text = (output / "adapter_config.json").read_text()
+    assert json.loads(text)["base_model_name_or_path"] == base_folder.name  # "gpt2", the models folder's name
+    assert str(base_folder) not in text and str(tmp_path) not in text and '"/' not in text
+    assert model.peft_config["default"].base_model_name_or_path == str(base_folder)  # the live model is untouched
+    ids = torch.randint(0, len(tokenizer), (1, 10))
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    base_logits = _logits(base, ids)
+    adapted = PeftModel.from_pretrained(base, output)  # a base found elsewhere, here by its folder
+    assert not torch.allclose(_logits(adapted, ids), base_logits)
+    assert torch.allclose(_logits(adapted, ids), _logits(model, ids), atol=1e-5)
+
+
+def test_an_explicit_base_model_name_is_written_as_given(base_folder, tmp_path):
+    options = TrainingOptions(model=str(base_folder), use_lora=True, lora_r=4)
+    model, tokenizer = load_model_and_tokenizer(options)
+
+    output = save_adapter(model, tokenizer, tmp_path / "run", base_model_name="openai-community/gpt2")
+
+    assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == "openai-community/gpt2"
+
+
+@pytest.mark.parametrize(("model", "name"), [
+    ("openai-community/gpt2", "openai-community/gpt2"),
+    ("/srv/models/tiny-llama", "tiny-llama"),
+    ("/srv/models/tiny-llama/", "tiny-llama"),
+    ("/home/u/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abcd", "Qwen/Qwen2.5-0.5B"),
+])
+def test_portable_model_name(model, name):
+    assert portable_model_name(model) == name

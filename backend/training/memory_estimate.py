@@ -134,16 +134,18 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
     trainable = lora_parameters if options.use_lora else shape.n_parameters
     chunked = chunked_loss_planned(options, config)
     offload = offloads_activations(options, device)
+    forward = forward_options(options)
     with_checkpointing, without_checkpointing = (
-        activation_bytes(options, shape, adapted, device=device, checkpointing=on, chunked_loss=chunked,
-                         offload=offload and on)
+        max(activation_bytes(forward, shape, adapted, device=device, checkpointing=on, chunked_loss=chunked,
+                             offload=offload and on),
+            reference_forward_bytes(forward, shape, adapted, device=device, chunked_loss=chunked))
         for on in (True, False)
     )
     activations = with_checkpointing if options.gradient_checkpointing else without_checkpointing
     weights = weight_bytes(options, shape)
     optimizer = optimizer_state_bytes(options, shape, adapted)
     subtotal = weights + 4 * lora_parameters + 4 * trainable + optimizer + activations
-    layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=_tokens(options))
+    layer = _layer_activation_bytes(forward, shape, adapted, device=device, tokens=_tokens(forward))
     breakdown = MemoryBreakdown(
         weights=weights,
         adapters=4 * lora_parameters,  # peft keeps adapter weights in fp32
@@ -169,6 +171,26 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
                  **_optimizer_savings(options, shape, adapted, optimizer_bytes=optimizer)},
         host_bytes=checkpoint_input_bytes(options, shape) if offload else 0,
     )
+
+
+def forward_options(options: TrainingOptions) -> TrainingOptions:
+    """The options as one forward sees them: --method dpo runs a micro-batch's chosen and rejected rows together."""
+    if options.method != "dpo":
+        return options
+    return options.model_copy(update={"per_device_train_batch_size": 2 * options.per_device_train_batch_size})
+
+
+def reference_forward_bytes(
+    options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer], *, device: str, chunked_loss: bool
+) -> int:
+    """--method dpo's reference forward (adapter off, no_grad): nothing is kept for a backward, so its peak is one
+    layer's tensors, those outside the layers and the log-probs' working set; it ends before the policy forward."""
+    if options.method != "dpo":
+        return 0
+    tokens = _tokens(options)
+    layer = _layer_activation_bytes(options, shape, adapted, device=device, tokens=tokens)
+    outside_layers = tokens * shape.hidden * (compute_bytes(options) + 4 * 2)
+    return layer + outside_layers + loss_bytes(options, shape, tokens=tokens, chunked_loss=chunked_loss)
 
 
 def offloads_activations(options: TrainingOptions, device: str) -> bool:

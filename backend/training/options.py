@@ -20,7 +20,7 @@ API_TRAINING_FIELDS: frozenset[str] = frozenset(
         "use_8bit", "use_4bit", "gradient_checkpointing", "fp16", "bf16", "epochs",
         "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
         "max_seq_length", "warmup_ratio", "weight_decay", "save_steps", "logging_steps", "seed",
-        "packing", "train_on_completions_only", "deepspeed", "chunked_loss",
+        "packing", "train_on_completions_only", "deepspeed", "chunked_loss", "method", "dpo_beta",
     }
 )
 
@@ -36,6 +36,12 @@ class TrainingOptions(BaseModel):
     validation_data: str | None = Field(None, description="Validation JSONL, evaluated at each save.")
     eval_data: str | None = Field(None, description="HumanEval-shaped JSONL for sandboxed evaluation.")
     output_dir: str = Field("./runs/safetrain", description="Folder for checkpoints and the adapter.")
+
+    # Training method.
+    method: Literal["supervised", "dpo"] = Field(
+        "supervised", description="supervised: chat/completion data; dpo: preference pairs (needs --use_lora)."
+    )
+    dpo_beta: float = Field(0.1, description="DPO's beta: how far the policy may move from the reference.")
 
     # LoRA.
     use_lora: bool = Field(False, description="Train LoRA adapters (PEFT) instead of all weights.")
@@ -216,6 +222,7 @@ def find_option_problems(options: TrainingOptions) -> list[str]:
         problems.append("--max_oom_retries and --max_divergence_retries must not be negative")
     problems += _memory_technique_problems(options)
     problems += _multi_node_problems(options)
+    problems += _dpo_problems(options)
     return problems
 
 
@@ -242,4 +249,24 @@ def _multi_node_problems(options: TrainingOptions) -> list[str]:
         problems.append("--num_machines above 1 needs --main_process_ip and --main_process_port (machine 0's)")
     if options.main_process_port is not None and not 0 < options.main_process_port < 65536:
         problems.append(f"--main_process_port must be in 1-65535 (got {options.main_process_port})")
+    return problems
+
+
+def _dpo_problems(options: TrainingOptions) -> list[str]:
+    problems: list[str] = []
+    if options.dpo_beta <= 0:
+        problems.append(f"--dpo_beta must be positive (got {options.dpo_beta})")
+    if options.method != "dpo":
+        return problems
+    # The reference model is the base with the adapter switched off: without LoRA it would be a second copy.
+    if not options.use_lora:
+        problems.append("--method dpo needs --use_lora: the reference is the base model with the adapter off")
+    if options.packing:
+        problems.append("--method dpo and --packing contradict each other: each pair is scored as whole sequences")
+    if options.train_on_completions_only:
+        problems.append("--method dpo and --train_on_completions_only contradict each other: "
+                        "DPO scores the preferred and non-preferred outputs only already")
+    if options.deepspeed:
+        problems.append("--method dpo and --deepspeed contradict each other: the reference forward needs the "
+                        "adapter switched off on one unsharded model")
     return problems

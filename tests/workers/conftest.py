@@ -103,8 +103,8 @@ def worker_models_dir(worker_tmp: Path) -> Path:
 def stack(request: pytest.FixtureRequest, worker_tmp: Path, worker_models_dir: Path) -> Iterator[WorkerStack]:
     """A live worker on request.param's database ("postgresql" or "sqlite") and Redis db 14."""
     backend = request.param
-    data_dir = worker_tmp / f"data-{backend}"
-    data_dir.mkdir()
+    # A folder of its own each time: the suites under tests/workers may set this stack up more than once.
+    data_dir = Path(tempfile.mkdtemp(prefix=f"data-{backend}-", dir=worker_tmp))
     cleanup: Callable[[], None] = lambda: None  # noqa: E731
     if backend == "postgresql":
         database_url, cleanup = _fresh_schema_url()

@@ -182,7 +182,8 @@ def test_an_explicit_base_model_name_is_written_as_given(base_folder, tmp_path):
 
     output = save_adapter(model, tokenizer, tmp_path / "run", base_model_name="openai-community/gpt2")
 
-    assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == "openai-community/gpt2"
+    written = json.loads((output / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == "openai-community/gpt2"
 
 
 @pytest.mark.parametrize(("model", "name"), [

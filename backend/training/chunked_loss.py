@@ -105,6 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,
         labels: torch.Tensor,
         chunk_tokens: int,
+        token_hits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         # The head is cast here, not before: its gradient then comes back in its own dtype (fp32 master weights
         # under autocast) with no half-precision V x H copy and no cast back.
@@ -116,12 +117,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Only each row's log-sum-exp survives the forward: 4 bytes a token instead of 4 x V.
         lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        hits = torch.zeros((), dtype=torch.int64, device=hidden.device)
         kept = None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, rows.numel(), chunk_tokens):
                 stop = min(start + chunk_tokens, rows.numel())
                 logits = _slice_logits(hidden.index_select(0, rows[start:stop]), weight, bias)
                 picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
+                if token_hits is not None:  # the slice's logits are here anyway: its argmax costs one pass over them
+                    hits += (logits.argmax(dim=1) == targets[start:stop]).sum()
                 lse[start:stop], sums = _exp_and_logsumexp_(logits)
                 total += (lse[start:stop] - picked).sum()
                 if rows.numel() <= chunk_tokens:
@@ -130,6 +134,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del logits  # the slice is freed before the next one is projected
         ctx.save_for_backward(hidden, weight, bias, rows, targets, lse, kept)
         ctx.chunk_tokens = chunk_tokens
+        if token_hits is not None:
+            token_hits.append(torch.stack([hits, hits.new_tensor(rows.numel())]))
         return total
 
     @staticmethod
@@ -163,6 +169,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None if grad_bias is None else grad_bias.to(ctx.bias_dtype),
             None,
             None,
+            None,
         )
 
 
@@ -182,8 +189,11 @@ def chunked_cross_entropy(
     *,
     chunk_tokens: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    token_hits: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T + bias` against `labels`, in pure PyTorch, a slice at a time."""
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `labels`, in pure PyTorch, a slice at a time.
+
+    `token_hits`, when given, gets one int64 tensor [argmax hits, trained tokens] appended (on the device)."""
     dtype = compute_dtype or _projection_dtype(hidden, weight)
     tokens = chunk_tokens_for(weight.size(0)) if chunk_tokens is None else chunk_tokens
     if tokens <= 0:
@@ -194,7 +204,29 @@ def chunked_cross_entropy(
         bias,
         labels.reshape(-1).to(hidden.device),
         tokens,
+        token_hits,
     )
+
+
+@torch.no_grad()
+def chunked_argmax_hits(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    *, chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """[argmax hits, trained tokens] of `hidden @ weight.T + bias` against `labels`, one slice of logits at a time."""
+    hidden = hidden.reshape(-1, hidden.size(-1))
+    labels = labels.reshape(-1).to(hidden.device)
+    tokens = chunk_tokens_for(weight.size(0)) if chunk_tokens is None else chunk_tokens
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    hits = torch.zeros((), dtype=torch.int64, device=hidden.device)
+    weight = weight.to(hidden.dtype)
+    bias = None if bias is None else bias.to(hidden.dtype)
+    for start in range(0, rows.numel(), tokens):
+        index = rows[start : start + tokens]
+        logits = _slice_logits(hidden.index_select(0, index), weight, bias)
+        hits += (logits.argmax(dim=1) == labels.index_select(0, index)).sum()
+        del logits  # one slice at a time, as in the loss
+    return torch.stack([hits, hits.new_tensor(rows.numel())])
 
 
 @lru_cache(maxsize=8)
@@ -228,12 +260,17 @@ def fused_linear_cross_entropy(
     *,
     chunk_tokens: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    token_hits: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`chunked_cross_entropy`, through Liger Kernel's fused kernel where `select_loss_backend` picks it."""
     if select_loss_backend(hidden.device) != "liger":
         return chunked_cross_entropy(
-            hidden, weight, labels, bias, chunk_tokens=chunk_tokens, compute_dtype=compute_dtype
+            hidden, weight, labels, bias, chunk_tokens=chunk_tokens, compute_dtype=compute_dtype,
+            token_hits=token_hits,
         )
+    if token_hits is not None:  # Liger's kernel keeps no argmax: project again, a slice at a time, without a graph
+        token_hits.append(chunked_argmax_hits(hidden.detach(), weight.detach(), labels, bias,
+                                              chunk_tokens=chunk_tokens))
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     dtype = compute_dtype or _projection_dtype(hidden, weight)

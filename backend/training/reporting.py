@@ -1,18 +1,24 @@
 """What a run tells its caller: events from the main rank, the metrics of a logging step, the final summary.
 
 The loop calls `log_metrics` at each logging step and `final_metrics`/`summary` at the end; the progress bar
-is shown only on the main rank and only on a terminal.
+is shown only on the main rank and only on a terminal. Metrics carry OpenAI's names (`train_loss`,
+`train_mean_token_accuracy`, `valid_loss`, `valid_mean_token_accuracy`, `full_valid_loss`,
+`full_valid_mean_token_accuracy`) beside safetrain's own (`eval_loss`, memory and speed).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+import torch
 from tqdm import tqdm
 
 from backend.training.events import EventCallback, TrainingEvent
@@ -21,6 +27,71 @@ if TYPE_CHECKING:
     from backend.training.state import Attempt
 
 GIB = 1024**3
+IGNORE_INDEX = -100
+# Names OpenAI's FineTuningJobCheckpoint.metrics uses; a run's final metrics carry those it has.
+OPENAI_METRICS = (
+    "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_mean_token_accuracy",
+)
+# bitsandbytes tries a Hub kernel for 4-bit CPU matmuls at import on CPUs with AVX512-BF16; without network
+# access or the `kernels` package it warns on every run, then uses its own kernel (nothing is lost).
+BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_CPU_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropBitsandbytesCpuKernelNotice(logging.Filter):
+    """Drops that one bitsandbytes notice; every other record of its logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(BNB_CPU_KERNEL_NOTICE)
+
+
+def silence_bitsandbytes_cpu_kernel_notice() -> None:
+    """Install the filter on bitsandbytes' CPU-ops logger (before bitsandbytes is imported; idempotent)."""
+    logger = logging.getLogger(BNB_CPU_KERNEL_LOGGER)
+    if not any(isinstance(existing, _DropBitsandbytesCpuKernelNotice) for existing in logger.filters):
+        logger.addFilter(_DropBitsandbytesCpuKernelNotice())
+
+
+silence_bitsandbytes_cpu_kernel_notice()  # at import: the trainer imports this module before peft or bitsandbytes
+
+
+def token_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[argmax hits, trained tokens] of logits against labels already aligned with them (int64, on the device)."""
+    trained = labels != IGNORE_INDEX
+    hits = ((logits.argmax(dim=-1) == labels) & trained).sum()
+    return torch.stack([hits, trained.sum()])
+
+
+def mean_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of trained tokens whose argmax prediction is the label (NaN when none is trained)."""
+    hits, tokens = token_hits(logits, labels).tolist()
+    return hits / tokens if tokens else float("nan")
+
+
+@dataclass
+class TokenAccuracy:
+    """Argmax hits and trained tokens of the steps since the last log line, kept on the device until logged."""
+
+    pending: list[torch.Tensor] = field(default_factory=list)  # [hits, tokens] per micro-batch
+    last: float | None = None  # the last logged window's accuracy; None before any (and for --method dpo)
+
+    def window_accuracy(self, ranks: Any) -> float | None:
+        """The window's accuracy over all ranks (one sync), or the last logged one when the window is empty."""
+        if self.pending:
+            hits, tokens = torch.stack([part.cpu() for part in self.pending]).sum(dim=0).tolist()
+            hits, tokens = ranks.sum([float(hits), float(tokens)]) if ranks.world_size > 1 else (hits, tokens)
+            self.last = hits / tokens if tokens else None
+        return self.last
+
+    def as_metrics(self, ranks: Any) -> dict[str, float]:
+        """{"train_mean_token_accuracy": ...} when there is one (never NaN: events are stored as JSON)."""
+        accuracy = self.window_accuracy(ranks)
+        return {} if accuracy is None else {"train_mean_token_accuracy": accuracy}
+
+    def clear(self) -> None:
+        """Start the next logging window."""
+        self.pending.clear()
 
 
 class Reporter:
@@ -29,6 +100,8 @@ class Reporter:
     def __init__(self, on_event: EventCallback | None, *, rank: int = 0) -> None:
         self._on_event = on_event
         self._rank = rank
+        # The process before any model loads: on the CPU, what RSS holds beyond this is what the plan counts.
+        self.start_rss_bytes = int(psutil.Process().memory_info().rss)
 
     def emit(self, kind: Any, message: str = "", *, level: Any = "info", data: dict[str, Any] | None = None) -> None:
         """Send one event of `kind` (dropped on the other ranks unless it is an error)."""
@@ -43,8 +116,8 @@ class Reporter:
         self.emit("message", text, level=level)
 
 
-def log_metrics(attempt: Attempt) -> float:
-    """Emit a metrics event and a telemetry sample (also written to telemetry.jsonl); return the mean loss."""
+def log_metrics(attempt: Attempt, validation: dict[str, float] | None = None) -> float:
+    """Emit a metrics event (with `validation`'s batch metrics) and a telemetry sample; return the mean loss."""
     state, setup = attempt.state, attempt.setup
     sample = {"step": state.step, **attempt.sampler.sample()}
     if setup.telemetry is not None:  # the main rank's; the other ranks write none
@@ -54,6 +127,8 @@ def log_metrics(attempt: Attempt) -> float:
     metrics = {
         "step": state.step,
         "train_loss": train_loss,
+        **attempt.accuracy.as_metrics(setup.ranks),
+        **(validation or {}),
         "learning_rate": attempt.learning_rate,
         "tokens_per_second": attempt.throughput.tokens_per_second(),
         "gpu_memory_used_bytes": sample["used_bytes"],
@@ -64,19 +139,24 @@ def log_metrics(attempt: Attempt) -> float:
     attempt.peak_memory_bytes = max(attempt.peak_memory_bytes, int(sample["peak_bytes"]))
     setup.report.emit("metrics", metrics_line(metrics), data=metrics)
     attempt.window.clear()
+    attempt.accuracy.clear()
     return train_loss
 
 
 def final_metrics(attempt: Attempt) -> dict[str, Any]:
     """The metrics a finished or stopped run returns (and the manifest records)."""
     state, setup = attempt.state, attempt.setup
+    sample = attempt.sampler.sample()
     metrics: dict[str, Any] = {
         "step": state.step,
         "total_steps": state.total_steps,
         "train_loss": mean(state.recent_losses[-setup.options.logging_steps :]),
+        **attempt.accuracy.as_metrics(setup.ranks),
         "tokens_per_second": attempt.throughput.overall_tokens_per_second(),
         "runtime_seconds": time.perf_counter() - attempt.started,
-        "peak_memory_bytes": max(attempt.peak_memory_bytes, int(attempt.sampler.sample()["peak_bytes"])),
+        "peak_memory_bytes": max(attempt.peak_memory_bytes, int(sample["peak_bytes"])),
+        "memory_source": sample["source"],
+        "start_rss_bytes": setup.report.start_rss_bytes,
         "estimate_bytes": setup.plan.estimate_bytes,
         "micro_batch_size": state.micro_batch_size,
         "gradient_accumulation_steps": state.gradient_accumulation_steps,
@@ -84,25 +164,50 @@ def final_metrics(attempt: Attempt) -> dict[str, Any]:
         "oom_recoveries": setup.healing.oom_retries,
         "divergence_recoveries": setup.healing.divergence_retries,
     }
-    metrics.update({key: value for key, value in state.metrics.items() if key == "eval_loss"})
+    # The last checkpoint's validation (this step's: a run ends with one) and its whole-file metrics.
+    kept = {"eval_loss", *OPENAI_METRICS} - {"step", "train_loss", "train_mean_token_accuracy"}
+    metrics.update({key: value for key, value in state.metrics.items() if key in kept})
     return metrics
 
 
 def summary(attempt: Attempt, metrics: dict[str, Any]) -> str:
     """The closing line: steps, speed, final loss, peak memory against the plan, where the output is."""
     what = "adapter" if attempt.setup.options.use_lora else "full model"
+    accuracy = metrics.get("train_mean_token_accuracy", float("nan"))
+    validation = "".join(
+        f", {name} {metrics[name]:.4f}" for name in ("full_valid_loss", "full_valid_mean_token_accuracy")
+        if name in metrics
+    )
     return (
         f"Done: {metrics['step']} steps in {metrics['runtime_seconds']:.1f} s, "
-        f"{metrics['tokens_per_second']:.0f} tokens/s, final loss {metrics['train_loss']:.4f}; "
-        f"peak memory {metrics['peak_memory_bytes'] / GIB:.2f} GiB against a plan of "
-        f"{metrics['estimate_bytes'] / GIB:.2f} GiB; the {what} is in {Path(attempt.setup.options.output_dir)}"
+        f"{metrics['tokens_per_second']:.0f} tokens/s, train_loss {metrics['train_loss']:.4f}, "
+        f"train_mean_token_accuracy {accuracy:.4f}{validation}; {memory_against_plan(metrics)}; "
+        f"the {what} is in {Path(attempt.setup.options.output_dir)}"
+    )
+
+
+def memory_against_plan(metrics: dict[str, Any]) -> str:
+    """Peak memory beside the plan, like with like: on the CPU, RSS above what the process held before loading."""
+    plan = f"a plan of {metrics['estimate_bytes'] / GIB:.2f} GiB"
+    peak = metrics["peak_memory_bytes"]
+    if metrics.get("memory_source") != "rss":
+        return f"peak memory {peak / GIB:.2f} GiB against {plan}"
+    # RSS counts the interpreter and the libraries (hundreds of MiB before any tensor), which the plan does not.
+    training = max(0, peak - int(metrics.get("start_rss_bytes", 0)))
+    return (
+        f"peak process RSS {peak / GIB:.2f} GiB, {training / GIB:.2f} GiB of it above the "
+        f"{metrics.get('start_rss_bytes', 0) / GIB:.2f} GiB held before loading, against {plan}"
     )
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:
     """One logging step's metrics as the line the log shows."""
+    validation = "".join(
+        f", {name} {metrics[name]:.4f}" for name in ("valid_loss", "valid_mean_token_accuracy") if name in metrics
+    )
     return (
-        f"step {metrics['step']}/{metrics['total_steps']}: loss {metrics['train_loss']:.4f}, "
+        f"step {metrics['step']}/{metrics['total_steps']}: train_loss {metrics['train_loss']:.4f}, "
+        f"train_mean_token_accuracy {metrics.get('train_mean_token_accuracy', float('nan')):.4f}{validation}, "
         f"lr {metrics['learning_rate']:.2e}, {metrics['tokens_per_second']:.0f} tokens/s, "
         f"memory {metrics['gpu_memory_used_bytes'] / GIB:.2f} GiB (peak {metrics['peak_memory_bytes'] / GIB:.2f})"
     )

@@ -19,7 +19,7 @@ from backend.training.datasets import TokenizedExample
 from backend.training.distributed import Ranks
 from backend.training.healing import Healing
 from backend.training.options import TrainingOptions
-from backend.training.reporting import Reporter
+from backend.training.reporting import Reporter, TokenAccuracy
 from backend.training.telemetry import MemorySampler, TelemetryWriter, ThroughputMeter
 
 
@@ -67,6 +67,7 @@ class Attempt:
     learning_rate: float = 0.0
     forward_model: Any = None  # what the loop calls: the model, or its DDP / DeepSpeed wrapper across ranks
     loss_head: Any = None  # lm_head for the chunked loss (chunked_loss.py); None: the plain loss on full logits
+    accuracy: TokenAccuracy = field(default_factory=TokenAccuracy)  # argmax hits since the last log line
 
     def __post_init__(self) -> None:
         ranks = self.setup.ranks

@@ -59,7 +59,15 @@ from backend.training.manifest import save_adapter, write_manifest
 from backend.training.modeling import attention_inputs
 from backend.training.options import TrainingOptions
 from backend.training.preflight import plan_before_loading, refuse_deepspeed_here, setup_data
-from backend.training.reporting import Reporter, final_metrics, log_metrics, mean, progress_bar, summary
+from backend.training.reporting import (
+    Reporter,
+    final_metrics,
+    log_metrics,
+    mean,
+    progress_bar,
+    summary,
+    token_hits,
+)
 from backend.training.state import Attempt, TrainingSetup
 from backend.training.telemetry import TelemetryWriter
 
@@ -265,7 +273,7 @@ def _train_loop(attempt: Attempt) -> TrainResult:
             attempt.throughput.update(tokens)
             bar.update(1)
             if state.step % options.logging_steps == 0 or state.step == state.total_steps:
-                bar.set_postfix(loss=f"{log_metrics(attempt):.4f}")
+                bar.set_postfix(loss=f"{log_metrics(attempt, _validation_batch_metrics(attempt)):.4f}")
             if options.save_steps and state.step % options.save_steps == 0:
                 _save(attempt)
     if _stop_agreed(attempt):
@@ -320,7 +328,8 @@ def _accumulate_gradients(
         with attempt.setup.ranks.gradient_sync(attempt.forward_model, sync=index == len(micro_batches) - 1):
             batch = collate(micro_batch, attempt.setup.data.pad_token_id)
             input_tokens += int(batch["attention_mask"].sum()) if counts else 0
-            loss = _summed_loss(attempt, batch) / label_tokens
+            # Argmax hits are counted in the loss's own slices (no whole logits), for train_mean_token_accuracy.
+            loss = _summed_loss(attempt, batch, attempt.accuracy.pending if counts else None) / label_tokens
             loss = maybe_inject_nan(attempt.setup.healing, attempt.setup.options, step, loss if counts else loss * 0.0)
             _backward(attempt, loss)
             micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
@@ -352,8 +361,10 @@ def _backward(attempt: Attempt, loss: torch.Tensor) -> None:
     attempt.setup.ranks.backward(scaled if factor == 1 else scaled * factor)
 
 
-def _summed_loss(attempt: Attempt, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The cross-entropy of one micro-batch, summed over its trained tokens."""
+def _summed_loss(
+    attempt: Attempt, batch: dict[str, torch.Tensor], hits: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The cross-entropy of one micro-batch, summed over its trained tokens; [argmax hits, tokens] onto `hits`."""
     input_ids = batch["input_ids"].to(attempt.device)
     attention_mask, position_ids = attention_inputs(batch, attempt.device)
     if attempt.loss_head is not None:
@@ -361,12 +372,15 @@ def _summed_loss(attempt: Attempt, batch: dict[str, torch.Tensor]) -> torch.Tens
         labels = shift_labels(batch["labels"].to(attempt.device))
         with attempt.autocast():
             hidden = final_hidden_states(attempt.model, input_ids, attention_mask, position_ids)
-            return fused_linear_cross_entropy(hidden, attempt.loss_head.weight, labels, attempt.loss_head.bias)
+            return fused_linear_cross_entropy(hidden, attempt.loss_head.weight, labels, attempt.loss_head.bias,
+                                              token_hits=hits)
     with attempt.autocast():
         outputs = attempt.forward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     logits = outputs.logits[:, :-1]
     del outputs  # holds other per-layer outputs when a model returns them; only the logits are needed
     labels = batch["labels"][:, 1:].to(logits.device)
+    if hits is not None:
+        hits.append(token_hits(logits.detach(), labels))
     # A float32 log-softmax is stable under fp16/bf16; its vocabulary-wide copy lives only until backward.
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -398,9 +412,13 @@ def _advance(state: TrainerState, n_examples: int, epoch_size: int, loss: float,
 def _save(attempt: Attempt) -> Path:
     """Write a complete checkpoint (with the validation loss when there is validation data) and announce it."""
     state, setup = attempt.state, attempt.setup
-    metrics: dict[str, Any] = {"train_loss": mean(state.recent_losses[-setup.options.logging_steps :])}
+    metrics: dict[str, Any] = {
+        "step": state.step,
+        "train_loss": mean(state.recent_losses[-setup.options.logging_steps :]),
+        **attempt.accuracy.as_metrics(setup.ranks),  # the window since the last log line, else that line's
+    }
     if setup.data.validation is not None:
-        metrics["eval_loss"] = _validation_loss(attempt)
+        metrics.update(_validation_metrics(attempt))
         setup.report.message(f"step {state.step}: validation loss {metrics['eval_loss']:.4f}")
     state.metrics = metrics
     path = save_checkpoint(
@@ -417,14 +435,41 @@ def _save(attempt: Attempt) -> Path:
 @torch.no_grad()
 def _validation_loss(attempt: Attempt) -> float:
     """Mean loss per trained token over the validation data, in eval mode (no dropout)."""
-    validation = attempt.setup.data.validation or []
+    return _loss_and_accuracy(attempt, attempt.setup.data.validation or [])[0]
+
+
+def _validation_metrics(attempt: Attempt) -> dict[str, float]:
+    """A checkpoint's validation: eval_loss and full_valid_* over the whole file, valid_* on this step's batch."""
+    loss, accuracy = _loss_and_accuracy(attempt, attempt.setup.data.validation or [])
+    full = {"eval_loss": loss, "full_valid_loss": loss, "full_valid_mean_token_accuracy": accuracy}
+    return {**_validation_batch_metrics(attempt), **full}
+
+
+def _validation_batch_metrics(attempt: Attempt) -> dict[str, float]:
+    """valid_loss and valid_mean_token_accuracy on one micro-batch of the validation file, a different one each
+    logging step (OpenAI's per-step validation); none without a validation file."""
+    validation, state = attempt.setup.data.validation, attempt.state
+    if not validation:
+        return {}
+    size = min(state.micro_batch_size, len(validation))  # a micro-batch is what this attempt knows fits
+    start = (state.step // attempt.setup.options.logging_steps * size) % len(validation)
+    batch = (validation + validation)[start : start + size]
+    loss, accuracy = _loss_and_accuracy(attempt, batch)
+    return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
+
+
+@torch.no_grad()
+def _loss_and_accuracy(attempt: Attempt, examples: list[TokenizedExample]) -> tuple[float, float]:
+    """Mean loss per trained token and mean token accuracy over `examples`, in eval mode (no dropout)."""
     attempt.model.eval()
     total, tokens = 0.0, 0
-    for micro_batch in _chunks(validation, attempt.state.micro_batch_size):
-        total += float(_summed_loss(attempt, collate(micro_batch, attempt.setup.data.pad_token_id)))
+    hits: list[torch.Tensor] = []
+    for micro_batch in _chunks(examples, attempt.state.micro_batch_size):
+        total += float(_summed_loss(attempt, collate(micro_batch, attempt.setup.data.pad_token_id), hits))
         tokens += sum(_trained_tokens(example) for example in micro_batch)
     attempt.model.train()
-    return total / max(1, tokens)
+    hit_count, counted = torch.stack(hits).sum(dim=0).tolist() if hits else (0, 0)
+    return total / max(1, tokens), hit_count / max(1, counted)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from backend.services.errors import InvalidRequest
-from backend.training.dataset_validation import CHAT_ROLES
+from backend.training.conversations import CHAT_ROLES
 
 RequestKind = Literal["chat", "completion"]
 MAX_STOP_SEQUENCES = 4

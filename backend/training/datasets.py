@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.training import chat_tools
+from backend.training.conversations import CHAT_ROLES
 from backend.training.dataset_validation import (
-    CHAT_ROLES,
     DATASET_FORMATS,
     DEFAULT_MAX_LINE_BYTES,
     DatasetError,

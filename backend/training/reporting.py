@@ -192,11 +192,13 @@ def memory_against_plan(metrics: dict[str, Any]) -> str:
     peak = metrics["peak_memory_bytes"]
     if metrics.get("memory_source") != "rss":
         return f"peak memory {peak / GIB:.2f} GiB against {plan}"
-    # RSS counts the interpreter and the libraries (hundreds of MiB before any tensor), which the plan does not.
+    # RSS counts the interpreter and the libraries (hundreds of MiB before any tensor), which the plan does not;
+    # what the run gained still holds the libraries imported while loading (transformers' models, peft: ~0.2 GiB).
     training = max(0, peak - int(metrics.get("start_rss_bytes", 0)))
     return (
         f"peak process RSS {peak / GIB:.2f} GiB, {training / GIB:.2f} GiB of it above the "
-        f"{metrics.get('start_rss_bytes', 0) / GIB:.2f} GiB held before loading, against {plan}"
+        f"{metrics.get('start_rss_bytes', 0) / GIB:.2f} GiB held before the data, model and their libraries loaded, "
+        f"against {plan}"
     )
 
 

@@ -141,7 +141,8 @@ def test_cpu_memory_is_compared_like_with_like():
     metrics = {"peak_memory_bytes": int(0.51 * GIB), "start_rss_bytes": int(0.33 * GIB),
                "estimate_bytes": int(0.17 * GIB), "memory_source": "rss"}
     assert memory_against_plan(metrics) == (
-        "peak process RSS 0.51 GiB, 0.18 GiB of it above the 0.33 GiB held before loading, against a plan of 0.17 GiB"
+        "peak process RSS 0.51 GiB, 0.18 GiB of it above the 0.33 GiB held before the data, model and their libraries "
+        "loaded, against a plan of 0.17 GiB"
     )
     gpu = {**metrics, "memory_source": "torch"}
     assert memory_against_plan(gpu) == "peak memory 0.51 GiB against a plan of 0.17 GiB"

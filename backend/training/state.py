@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from backend.training.checkpoints import TrainerState
-from backend.training.datasets import TokenizedExample
 from backend.training.distributed import Ranks
+from backend.training.dpo import RewardTally
 from backend.training.healing import Healing
 from backend.training.options import TrainingOptions
 from backend.training.reporting import Reporter, TokenAccuracy
@@ -27,8 +27,9 @@ from backend.training.telemetry import MemorySampler, TelemetryWriter, Throughpu
 class TrainingData:
     """The run's data, validated and tokenized once before the first attempt."""
 
-    train: list[TokenizedExample]
-    validation: list[TokenizedExample] | None
+    # TokenizedExample for supervised runs, preference_data.PreferenceExample for --method dpo
+    train: list[Any]
+    validation: list[Any] | None
     pad_token_id: int
     eval_tasks: list[Any] = field(default_factory=list)  # --eval_data's HumanEval-shaped tasks
 
@@ -68,6 +69,7 @@ class Attempt:
     forward_model: Any = None  # what the loop calls: the model, or its DDP / DeepSpeed wrapper across ranks
     loss_head: Any = None  # lm_head for the chunked loss (chunked_loss.py); None: the plain loss on full logits
     accuracy: TokenAccuracy = field(default_factory=TokenAccuracy)  # argmax hits since the last log line
+    rewards: RewardTally = field(default_factory=RewardTally)  # --method dpo: rewards since the last log line
 
     def __post_init__(self) -> None:
         ranks = self.setup.ranks

@@ -45,6 +45,12 @@ from backend.training.chunked_loss import (
 )
 from backend.training.datasets import IGNORE_INDEX, DatasetError, TokenizedExample, collate
 from backend.training.distributed import launched_rank, shard, start_ranks
+from backend.training.dpo import (
+    pair_tokens,
+    preference_micro_batch_loss,
+    preference_validation_loss,
+    setup_preference_data,
+)
 from backend.training.events import EventCallback, FailureCode, TrainResult
 from backend.training.healing import (
     Diverged,
@@ -93,7 +99,7 @@ def run_training(
         if options.dry_run:
             metrics = {"plan": plan.to_dict(), "options": options.model_dump(mode="json")}
             return TrainResult(status="succeeded", output_dir=options.output_dir, metrics=metrics)
-        data = setup_data(options)
+        data = setup_preference_data(options) if options.method == "dpo" else setup_data(options)
         healing = Healing.start(options, report)
         ranks = start_ranks(options, micro_batch_size=healing.micro_batch_size,
                             gradient_accumulation_steps=healing.gradient_accumulation_steps)
@@ -274,6 +280,7 @@ def _train_loop(attempt: Attempt) -> TrainResult:
             bar.update(1)
             if state.step % options.logging_steps == 0 or state.step == state.total_steps:
                 bar.set_postfix(loss=f"{log_metrics(attempt, _validation_batch_metrics(attempt)):.4f}")
+                _log_rewards(attempt)
             if options.save_steps and state.step % options.save_steps == 0:
                 _save(attempt)
     if _stop_agreed(attempt):
@@ -293,7 +300,8 @@ def _optimizer_step(attempt: Attempt, examples: list[TokenizedExample]) -> tuple
     ranks = attempt.setup.ranks
     attempt.setup.healing.step_in_progress = step
     maybe_inject_oom(attempt.setup.healing, attempt.setup.options, step)
-    micro_losses, input_tokens = _accumulate_gradients(attempt, examples, step)
+    accumulate = _accumulate_preference_gradients if attempt.setup.options.method == "dpo" else _accumulate_gradients
+    micro_losses, input_tokens = accumulate(attempt, examples, step)
     grad_norm_tensor = _clip_gradients(attempt)
     # One device sync per step, for the loss and the gradient norm together.
     step_loss = torch.stack([value.to(grad_norm_tensor.device) for value in micro_losses]).sum()
@@ -337,9 +345,34 @@ def _accumulate_gradients(
     return micro_losses, input_tokens
 
 
-def _rank_micro_batches(
-    attempt: Attempt, examples: list[TokenizedExample]
-) -> list[tuple[list[TokenizedExample], bool]]:
+def _accumulate_preference_gradients(
+    attempt: Attempt, pairs: list[Any], step: int
+) -> tuple[list[torch.Tensor], int]:
+    """_accumulate_gradients for --method dpo: the step's loss is the mean DPO loss over its pairs (all ranks)."""
+    micro_losses: list[torch.Tensor] = []
+    input_tokens = 0
+    micro_batches = _rank_micro_batches(attempt, pairs)
+    for index, (micro_batch, counts) in enumerate(micro_batches):
+        with attempt.setup.ranks.gradient_sync(attempt.forward_model, sync=index == len(micro_batches) - 1):
+            input_tokens += sum(pair_tokens(pair) for pair in micro_batch) if counts else 0
+            loss = preference_micro_batch_loss(attempt, micro_batch, len(pairs))
+            loss = maybe_inject_nan(attempt.setup.healing, attempt.setup.options, step, loss if counts else loss * 0.0)
+            _backward(attempt, loss)
+            micro_losses.append(loss.detach().float())
+            del loss  # the graph is gone after backward
+    return micro_losses, input_tokens
+
+
+def _log_rewards(attempt: Attempt) -> None:
+    """--method dpo: the rewards of the pairs since the last log line, as a message event with the numbers."""
+    rewards = attempt.rewards.means()
+    if rewards:
+        text = ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
+        attempt.setup.report.emit("message", f"step {attempt.state.step}: {text}",
+                                  data={"step": attempt.state.step, **rewards})
+
+
+def _rank_micro_batches(attempt: Attempt, examples: list[Any]) -> list[tuple[list[Any], bool]]:
     """This rank's micro-batches of one step, each with whether it counts.
 
     Across ranks every rank runs the same number (DDP's forward and DeepSpeed's accumulation boundary wait for
@@ -417,6 +450,7 @@ def _save(attempt: Attempt) -> Path:
         "train_loss": mean(state.recent_losses[-setup.options.logging_steps :]),
         **attempt.accuracy.as_metrics(setup.ranks),  # the window since the last log line, else that line's
     }
+    metrics.update(attempt.rewards.latest)  # --method dpo's rewards of the last log line; none otherwise
     if setup.data.validation is not None:
         metrics.update(_validation_metrics(attempt))
         setup.report.message(f"step {state.step}: validation loss {metrics['eval_loss']:.4f}")
@@ -435,11 +469,15 @@ def _save(attempt: Attempt) -> Path:
 @torch.no_grad()
 def _validation_loss(attempt: Attempt) -> float:
     """Mean loss per trained token over the validation data, in eval mode (no dropout)."""
+    if attempt.setup.options.method == "dpo":
+        return preference_validation_loss(attempt)
     return _loss_and_accuracy(attempt, attempt.setup.data.validation or [])[0]
 
 
 def _validation_metrics(attempt: Attempt) -> dict[str, float]:
     """A checkpoint's validation: eval_loss and full_valid_* over the whole file, valid_* on this step's batch."""
+    if attempt.setup.options.method == "dpo":
+        return {"eval_loss": _validation_loss(attempt)}
     loss, accuracy = _loss_and_accuracy(attempt, attempt.setup.data.validation or [])
     full = {"eval_loss": loss, "full_valid_loss": loss, "full_valid_mean_token_accuracy": accuracy}
     return {**_validation_batch_metrics(attempt), **full}
@@ -447,9 +485,9 @@ def _validation_metrics(attempt: Attempt) -> dict[str, float]:
 
 def _validation_batch_metrics(attempt: Attempt) -> dict[str, float]:
     """valid_loss and valid_mean_token_accuracy on one micro-batch of the validation file, a different one each
-    logging step (OpenAI's per-step validation); none without a validation file."""
+    logging step (OpenAI's per-step validation); none without a validation file or for --method dpo."""
     validation, state = attempt.setup.data.validation, attempt.state
-    if not validation:
+    if not validation or attempt.setup.options.method == "dpo":
         return {}
     size = min(state.micro_batch_size, len(validation))  # a micro-batch is what this attempt knows fits
     start = (state.step // attempt.setup.options.logging_steps * size) % len(validation)
@@ -498,7 +536,7 @@ def _finish(attempt: Attempt) -> TrainResult:
         _save(attempt)
     output_dir = setup.options.output_dir
     gathered = ranks.full_state_dict(attempt.forward_model)  # ZeRO-3: every rank gives its shard (a collective)
-    metrics = final_metrics(attempt)
+    metrics = {**final_metrics(attempt), **attempt.rewards.latest}
     if ranks.is_main:
         source = resolve_model_source(setup.options.model)
         save_adapter(attempt.model, attempt.tokenizer, output_dir, base_folder=source, state_dict=gathered)

@@ -13,6 +13,8 @@ from backend.services.errors import InvalidRequest
 from backend.training.options import API_TRAINING_FIELDS, TrainingOptions
 
 HYPERPARAMETER_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+DPO_HYPERPARAMETER_KEYS = (*HYPERPARAMETER_KEYS, "beta")
+METHODS = ("supervised", "dpo")
 # The API's defaults are the safe ones: LoRA on (a full fine-tune must be asked for).
 API_DEFAULTS: dict[str, Any] = {"use_lora": True}
 # Upper bounds on what a client may ask (the trainer's own checks give the lower ones): values past them are
@@ -43,34 +45,38 @@ class ResolvedTraining:
         return fields
 
 
-def _pick_hyperparameters(hyperparameters: Any, method: Any) -> tuple[dict[str, Any], str]:
-    """The hyperparameters object the client sent (method's supervised one wins) and its param prefix."""
+def _method_type(method: Any, training: dict[str, Any]) -> str:
+    """"supervised" or "dpo": method.type, else the training object's `method`, else supervised."""
+    if method is None:
+        return str(training.get("method") or "supervised")
+    if not isinstance(method, dict):
+        raise InvalidRequest("method must be an object.", param="method")
+    kind = method.get("type", "supervised")
+    if isinstance(kind, str) and kind in METHODS:
+        _agree(training, "method", kind, "method.type")
+    return str(kind)
+
+
+def _pick_hyperparameters(hyperparameters: Any, method: Any, kind: str) -> tuple[dict[str, Any], str]:
+    """The hyperparameters object the client sent (the method's own one wins) and its param prefix."""
     if method is not None:
-        if not isinstance(method, dict):
-            raise InvalidRequest("method must be an object.", param="method")
-        kind = method.get("type", "supervised")
         if kind == "reinforcement":
             raise InvalidRequest(
                 'Reinforcement fine-tuning is not supported: it samples the model and scores each answer with '
                 'graders, which safetrain does not run. Use "supervised".',
                 param="method.type",
             )
-        if kind == "dpo":
-            raise InvalidRequest(
-                'Method "dpo" is not available in this version of safetrain yet (preference files already upload '
-                'and validate); use "supervised".',
-                param="method.type",
-            )
-        if kind != "supervised":
-            raise InvalidRequest(f"Only supervised fine-tuning is supported (got {kind!r}).", param="method.type")
-        unknown = set(method) - {"type", "supervised"}
+        if kind not in METHODS:
+            raise InvalidRequest(f'Only "supervised" and "dpo" fine-tuning are supported (got {kind!r}).',
+                                 param="method.type")
+        unknown = set(method) - {"type", kind}
         if unknown:
             raise InvalidRequest(f"Unknown key in method: {sorted(unknown)[0]}", param=f"method.{sorted(unknown)[0]}")
-        supervised = method.get("supervised") or {}
-        if not isinstance(supervised, dict):
-            raise InvalidRequest("method.supervised must be an object.", param="method.supervised")
-        if supervised.get("hyperparameters") is not None:
-            return supervised["hyperparameters"], "method.supervised.hyperparameters"
+        section = method.get(kind) or {}
+        if not isinstance(section, dict):
+            raise InvalidRequest(f"method.{kind} must be an object.", param=f"method.{kind}")
+        if section.get("hyperparameters") is not None:
+            return section["hyperparameters"], f"method.{kind}.hyperparameters"
     return hyperparameters if hyperparameters is not None else {}, "hyperparameters"
 
 
@@ -167,14 +173,19 @@ def resolve_training(
     *, hyperparameters: Any = None, method: Any = None, training: Any = None, seed: Any = None
 ) -> ResolvedTraining:
     """Merge the API defaults, the OpenAI hyperparameters and the training object; InvalidRequest names the field."""
-    values, prefix = _pick_hyperparameters(hyperparameters, method)
+    requested = _check_training_object(training)
+    kind = _method_type(method, requested)
+    values, prefix = _pick_hyperparameters(hyperparameters, method, kind)
     if not isinstance(values, dict):
         raise InvalidRequest("hyperparameters must be an object.", param=prefix)
     for key in values:
-        if key not in HYPERPARAMETER_KEYS:
+        if key not in (DPO_HYPERPARAMETER_KEYS if kind == "dpo" else HYPERPARAMETER_KEYS):
             raise InvalidRequest(f"Unknown hyperparameter: {key}", param=f"{prefix}.{key}")
-    requested = _check_training_object(training)
-    fields: dict[str, Any] = {**API_DEFAULTS}
+    fields: dict[str, Any] = {**API_DEFAULTS, "method": kind}
+    beta = _hyperparameter(values, "beta", prefix, integer=False)
+    if beta is not None:
+        _agree(requested, "dpo_beta", beta, f"{prefix}.beta")
+        fields["dpo_beta"] = beta
     n_epochs = _hyperparameter(values, "n_epochs", prefix, integer=True)
     if n_epochs is not None:
         _agree(requested, "epochs", n_epochs, f"{prefix}.n_epochs")
@@ -213,5 +224,7 @@ def resolve_training(
         "batch_size": options.effective_batch_size,
         "learning_rate_multiplier": round(options.resolved_learning_rate / default_rate, 6),
     }
-    method_shown = {"type": "supervised", "supervised": {"hyperparameters": shown}}
+    method_shown: dict[str, Any] = {"type": kind, kind: {"hyperparameters": shown}}
+    if kind == "dpo":
+        method_shown["dpo"]["hyperparameters"] = {**shown, "beta": options.dpo_beta}
     return ResolvedTraining(options=options, hyperparameters=shown, method=method_shown)

@@ -169,7 +169,7 @@ BAD_JOB_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
     ({"hyperparameters": {"warmup": 1}}, "hyperparameters.warmup"),
     ({"hyperparameters": {"n_epochs": 2}, "training": {"epochs": 3}}, "hyperparameters.n_epochs"),
-    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"method": {"type": "dpo"}}, "training_file"),  # a chat file for a dpo job
     ({"seed": "seven"}, "seed"),
     ({"suffix": "has space"}, "suffix"),
     ({"metadata": {"k": 1}}, "metadata.k"),
@@ -269,7 +269,7 @@ def test_a_jobs_method_must_fit_its_files_format(client: TestClient, key_a: str,
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == param and 'train with method "dpo"' in error["message"], error
-    # DPO's side of the rule (the method itself is refused before the files until its trainer lands).
+    # DPO's side of the rule, also through the API in BAD_JOB_REQUESTS.
     with pytest.raises(InvalidRequest) as refused:
         check_method_fits_file(method_type="dpo", row=File(id=chat["id"], format="chat"), param="training_file")
     assert refused.value.param == "training_file" and '"chat" file' in str(refused.value)
@@ -278,9 +278,36 @@ def test_a_jobs_method_must_fit_its_files_format(client: TestClient, key_a: str,
     assert client.get("/v1/fine_tuning/jobs", headers=bearer(key_a)).json()["data"] == []
 
 
-def test_reinforcement_and_dpo_are_refused_with_a_reason(client: TestClient, key_a: str, upload: Upload) -> None:
+def test_a_dpo_job_maps_its_hyperparameters_onto_the_trainers_options(client: TestClient, key_a: str,
+                                                                     upload: Upload) -> None:
+    from tests.training.test_dataset_validation import PREFERENCE_LINE
+
+    preference = upload(key_a, json.dumps(PREFERENCE_LINE).encode() + b"\n")
+    hyperparameters = {"beta": 0.25, "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    response = client.post("/v1/fine_tuning/jobs", headers=bearer(key_a), json={
+        "model": "tiny-gpt2", "training_file": preference["id"],
+        "method": {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}
+    training = job["training"]
+    assert training["method"] == "dpo" and training["dpo_beta"] == 0.25 and training["epochs"] == 2
+    assert training["learning_rate"] == pytest.approx(1e-4)
+    assert training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] == 4
+    for body, param in [
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}},
+         "method.supervised.hyperparameters.beta"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "dpo"}, "training": {"method": "supervised"}}, "method.type"),
+    ]:
+        refused = client.post("/v1/fine_tuning/jobs", headers=bearer(key_a),
+                              json={"model": "tiny-gpt2", "training_file": preference["id"], **body})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.text)
+
+
+def test_reinforcement_is_refused_with_a_reason(client: TestClient, key_a: str, upload: Upload) -> None:
     file_id = upload(key_a)["id"]
-    for kind, reason in [("reinforcement", "graders"), ("dpo", "not available")]:
+    for kind, reason in [("reinforcement", "graders")]:
         response = client.post("/v1/fine_tuning/jobs", headers=bearer(key_a),
                                json={"model": "tiny-gpt2", "training_file": file_id, "method": {"type": kind}})
         assert response.status_code == 400, response.text

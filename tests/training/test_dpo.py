@@ -199,3 +199,25 @@ def test_a_dpo_run_heals_an_out_of_memory_and_a_nan_as_supervised_runs_do(tiny_l
     assert result.status == "succeeded", result.error_message
     assert result.metrics["oom_recoveries"] == 1 and result.metrics["divergence_recoveries"] == 1
     assert result.metrics["micro_batch_size"] == 1 and result.steps == 4
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_stopped_dpo_run_resumes_to_the_uninterrupted_runs_losses(
+    tiny_llama: Path, tmp_path: Path, make_events: Any
+) -> None:
+    data = _preference_file(tmp_path / "prefs.jsonl")
+    straight = make_events()
+    uninterrupted = run_training(_options(tiny_llama, tmp_path / "a", data, max_steps=4), on_event=straight)
+    assert uninterrupted.status == "succeeded" and len(straight.metrics()) == 4
+
+    calls = iter(range(100))
+    first, second = make_events(), make_events()
+    stopped = run_training(_options(tiny_llama, tmp_path / "b", data, max_steps=4), on_event=first,
+                           stop_requested=lambda: next(calls) == 2)  # asked before step 3
+    assert stopped.status == "stopped" and stopped.steps == 2
+    resumed = run_training(_options(tiny_llama, tmp_path / "b", data, max_steps=4, resume_from_checkpoint="latest"),
+                           on_event=second)
+
+    assert resumed.status == "succeeded" and resumed.steps == 4
+    losses = [m["train_loss"] for m in first.metrics() + second.metrics()]
+    assert losses == pytest.approx([m["train_loss"] for m in straight.metrics()], abs=1e-5)

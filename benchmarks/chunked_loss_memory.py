@@ -3,8 +3,9 @@
 A Llama-3-sized vocabulary (128,256 tokens) over hidden states 256 wide, micro-batch 2 x 1024 tokens, fp32 on
 the CPU. The hidden states stand in for the decoder body's output (they require grad); the head is frozen
 (LoRA: only the hidden states' gradient is needed) or trained (full fine-tuning: the head's gradient too). The
-plain loss is the trainer's today (`trainer._summed_loss`: shifted logits, upcast, one `F.cross_entropy`); the
-chunked one is `chunked_loss.fused_linear_cross_entropy` on the unshifted hidden states with `shift_labels`.
+plain loss is the trainer's without the chunked head (`loss.summed_loss`: shifted logits, upcast, one
+`F.cross_entropy`); the chunked one is `chunked_loss.fused_linear_cross_entropy` on the unshifted hidden
+states with `shift_labels`.
 
 Memory is the high-water mark of live tensors during forward + backward (`live_tensors.LiveTensorPeak`: what
 torch.cuda.max_memory_allocated would count; the weights and the hidden states exist before and are not

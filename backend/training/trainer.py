@@ -3,10 +3,10 @@
 `run_training(options)` reads top to bottom: refuse and plan before anything loads, tokenize the data
 (preflight.py), then one attempt after another until one ends: `_setup_model`, `_setup_optimizer`, restore
 the last checkpoint if there is one, and the visible loop in `_train_loop` -> `_optimizer_step` ->
-`_summed_loss`. An attempt that runs out of memory or diverges is thrown away whole (model, optimizer,
+`summed_loss` (loss.py). An attempt that runs out of memory or diverges is thrown away whole (model, optimizer,
 activations) and the next one resumes from the last complete checkpoint with a halved micro-batch or a halved
-learning rate (healing.py). The state types are in state.py, events and metrics in reporting.py, the
-checkpoint protocol in checkpoints.py.
+learning rate (healing.py). The state types are in state.py, events and metrics in reporting.py, validation
+in validation.py, the checkpoint protocol in checkpoints.py.
 
 Under `accelerate launch` the same loop runs on every rank (backend/training/distributed.py): each step
 reads the same seeded order, each rank trains on its slice, the loss is summed across ranks for logging,
@@ -19,13 +19,12 @@ import contextlib
 import math
 import random
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from backend.training.checkpoints import (
     CheckpointError,
@@ -34,21 +33,11 @@ from backend.training.checkpoints import (
     read_trainer_state,
     save_checkpoint,
 )
-from backend.training.chunked_loss import (
-    ChunkedLossUnavailable,
-    chunked_loss_head,
-    final_hidden_states,
-    fused_linear_cross_entropy,
-    loss_backend_reason,
-    select_loss_backend,
-    shift_labels,
-)
-from backend.training.datasets import IGNORE_INDEX, DatasetError, TokenizedExample, collate
+from backend.training.datasets import DatasetError, TokenizedExample, collate
 from backend.training.distributed import launched_rank, shard, start_ranks
 from backend.training.dpo import (
     pair_tokens,
     preference_micro_batch_loss,
-    preference_validation_loss,
     setup_preference_data,
 )
 from backend.training.events import EventCallback, FailureCode, TrainResult
@@ -61,8 +50,8 @@ from backend.training.healing import (
     maybe_inject_nan,
     maybe_inject_oom,
 )
+from backend.training.loss import loss_head_for, summed_loss
 from backend.training.manifest import save_adapter, write_manifest
-from backend.training.modeling import attention_inputs
 from backend.training.options import TrainingOptions
 from backend.training.preflight import plan_before_loading, refuse_deepspeed_here, setup_data
 from backend.training.reporting import (
@@ -72,10 +61,16 @@ from backend.training.reporting import (
     mean,
     progress_bar,
     summary,
-    token_hits,
 )
 from backend.training.state import Attempt, TrainingSetup
 from backend.training.telemetry import TelemetryWriter
+from backend.training.validation import (
+    evaluate_after_training,
+    micro_batches_of,
+    trained_tokens,
+    validation_batch_metrics,
+    validation_metrics,
+)
 
 MAX_GRAD_NORM = 1.0
 RECENT_LOSSES_KEPT = 20
@@ -153,7 +148,7 @@ def _run_attempt(setup: TrainingSetup) -> TrainResult:
     attempt = Attempt(setup, model, tokenizer, optimizer, scheduler, _trainable_parameters(model))
     attempt.state = _restore(attempt, total_steps)
     _prepare_across_ranks(attempt)
-    attempt.loss_head = _chunked_loss_head(attempt)
+    attempt.loss_head = loss_head_for(attempt)
     return _train_loop(attempt)
 
 
@@ -228,24 +223,6 @@ def _apply_schedule(scheduler: Any) -> None:
         group["lr"] = group["initial_lr"] * factor(schedule.last_epoch)
 
 
-def _chunked_loss_head(attempt: Attempt) -> Any:
-    """lm_head for the chunked loss, or None for the plain one (--no_chunked_loss, several ranks, another head)."""
-    options, ranks, report = attempt.setup.options, attempt.setup.ranks, attempt.setup.report
-    if not options.chunked_loss:
-        return None
-    if ranks.world_size > 1 or ranks.deepspeed:
-        # DDP's and DeepSpeed's hooks run only through the wrapper's forward; ZeRO-3 gathers lm_head only inside it
-        report.message("chunked loss off across ranks: the loss goes through the wrapped model's forward")
-        return None
-    try:
-        head = chunked_loss_head(attempt.model)
-    except ChunkedLossUnavailable as reason:
-        report.message(f"chunked loss off, the plain loss on full logits instead: {reason}")
-        return None
-    report.message(f"chunked loss on ({select_loss_backend(attempt.device)}: {loss_backend_reason(attempt.device)})")
-    return head
-
-
 def _prepare_across_ranks(attempt: Attempt) -> None:
     """Hand the model, optimizer and schedule to the ranks (DDP, or a DeepSpeed engine); nothing in one process."""
     ranks, healing = attempt.setup.ranks, attempt.setup.healing
@@ -279,7 +256,7 @@ def _train_loop(attempt: Attempt) -> TrainResult:
             attempt.throughput.update(tokens)
             bar.update(1)
             if state.step % options.logging_steps == 0 or state.step == state.total_steps:
-                bar.set_postfix(loss=f"{log_metrics(attempt, _validation_batch_metrics(attempt)):.4f}")
+                bar.set_postfix(loss=f"{log_metrics(attempt, validation_batch_metrics(attempt)):.4f}")
                 _log_rewards(attempt)
             if options.save_steps and state.step % options.save_steps == 0:
                 _save(attempt)
@@ -328,7 +305,7 @@ def _accumulate_gradients(
     # The loss is summed over tokens and divided by the step's trained tokens (on all ranks), so it does not
     # depend on how the step is split into micro-batches or ranks: an OOM recovery that halves the
     # micro-batch trains the same, and N ranks train as one process with N times the batch.
-    label_tokens = max(1, sum(_trained_tokens(example) for example in examples))
+    label_tokens = max(1, sum(trained_tokens(example) for example in examples))
     micro_losses: list[torch.Tensor] = []
     input_tokens = 0
     micro_batches = _rank_micro_batches(attempt, examples)
@@ -337,7 +314,7 @@ def _accumulate_gradients(
             batch = collate(micro_batch, attempt.setup.data.pad_token_id)
             input_tokens += int(batch["attention_mask"].sum()) if counts else 0
             # Argmax hits are counted in the loss's own slices (no whole logits), for train_mean_token_accuracy.
-            loss = _summed_loss(attempt, batch, attempt.accuracy.pending if counts else None) / label_tokens
+            loss = summed_loss(attempt, batch, attempt.accuracy.pending if counts else None) / label_tokens
             loss = maybe_inject_nan(attempt.setup.healing, attempt.setup.options, step, loss if counts else loss * 0.0)
             _backward(attempt, loss)
             micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
@@ -380,7 +357,7 @@ def _rank_micro_batches(attempt: Attempt, examples: list[Any]) -> list[tuple[lis
     """
     ranks = attempt.setup.ranks
     mine = shard(examples, ranks.rank, ranks.world_size)
-    micro_batches = [(chunk, True) for chunk in _chunks(mine, attempt.state.micro_batch_size)]
+    micro_batches = [(chunk, True) for chunk in micro_batches_of(mine, attempt.state.micro_batch_size)]
     if ranks.world_size > 1:
         missing = attempt.state.gradient_accumulation_steps - len(micro_batches)
         micro_batches += [(examples[:1], False)] * missing
@@ -392,32 +369,6 @@ def _backward(attempt: Attempt, loss: torch.Tensor) -> None:
     factor = attempt.setup.ranks.gradient_factor
     scaled = attempt.scaler.scale(loss)
     attempt.setup.ranks.backward(scaled if factor == 1 else scaled * factor)
-
-
-def _summed_loss(
-    attempt: Attempt, batch: dict[str, torch.Tensor], hits: list[torch.Tensor] | None = None
-) -> torch.Tensor:
-    """The cross-entropy of one micro-batch, summed over its trained tokens; [argmax hits, tokens] onto `hits`."""
-    input_ids = batch["input_ids"].to(attempt.device)
-    attention_mask, position_ids = attention_inputs(batch, attempt.device)
-    if attempt.loss_head is not None:
-        # lm_head and the loss a slice of tokens at a time: no B x T x V logits, nor their fp32 copy, ever exist
-        labels = shift_labels(batch["labels"].to(attempt.device))
-        with attempt.autocast():
-            hidden = final_hidden_states(attempt.model, input_ids, attention_mask, position_ids)
-            return fused_linear_cross_entropy(hidden, attempt.loss_head.weight, labels, attempt.loss_head.bias,
-                                              token_hits=hits)
-    with attempt.autocast():
-        outputs = attempt.forward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    logits = outputs.logits[:, :-1]
-    del outputs  # holds other per-layer outputs when a model returns them; only the logits are needed
-    labels = batch["labels"][:, 1:].to(logits.device)
-    if hits is not None:
-        hits.append(token_hits(logits.detach(), labels))
-    # A float32 log-softmax is stable under fp16/bf16; its vocabulary-wide copy lives only until backward.
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 def _clip_gradients(attempt: Attempt) -> torch.Tensor:
@@ -452,7 +403,7 @@ def _save(attempt: Attempt) -> Path:
     }
     metrics.update(attempt.rewards.latest)  # --method dpo's rewards of the last log line; none otherwise
     if setup.data.validation is not None:
-        metrics.update(_validation_metrics(attempt))
+        metrics.update(validation_metrics(attempt))
         setup.report.message(f"step {state.step}: validation loss {metrics['eval_loss']:.4f}")
     state.metrics = metrics
     path = save_checkpoint(
@@ -467,49 +418,6 @@ def _save(attempt: Attempt) -> Path:
 
 
 @torch.no_grad()
-def _validation_loss(attempt: Attempt) -> float:
-    """Mean loss per trained token over the validation data, in eval mode (no dropout)."""
-    if attempt.setup.options.method == "dpo":
-        return preference_validation_loss(attempt)
-    return _loss_and_accuracy(attempt, attempt.setup.data.validation or [])[0]
-
-
-def _validation_metrics(attempt: Attempt) -> dict[str, float]:
-    """A checkpoint's validation: eval_loss and full_valid_* over the whole file, valid_* on this step's batch."""
-    if attempt.setup.options.method == "dpo":
-        return {"eval_loss": _validation_loss(attempt)}
-    loss, accuracy = _loss_and_accuracy(attempt, attempt.setup.data.validation or [])
-    full = {"eval_loss": loss, "full_valid_loss": loss, "full_valid_mean_token_accuracy": accuracy}
-    return {**_validation_batch_metrics(attempt), **full}
-
-
-def _validation_batch_metrics(attempt: Attempt) -> dict[str, float]:
-    """valid_loss and valid_mean_token_accuracy on one micro-batch of the validation file, a different one each
-    logging step (OpenAI's per-step validation); none without a validation file or for --method dpo."""
-    validation, state = attempt.setup.data.validation, attempt.state
-    if not validation or attempt.setup.options.method == "dpo":
-        return {}
-    size = min(state.micro_batch_size, len(validation))  # a micro-batch is what this attempt knows fits
-    start = (state.step // attempt.setup.options.logging_steps * size) % len(validation)
-    batch = (validation + validation)[start : start + size]
-    loss, accuracy = _loss_and_accuracy(attempt, batch)
-    return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
-
-
-@torch.no_grad()
-def _loss_and_accuracy(attempt: Attempt, examples: list[TokenizedExample]) -> tuple[float, float]:
-    """Mean loss per trained token and mean token accuracy over `examples`, in eval mode (no dropout)."""
-    attempt.model.eval()
-    total, tokens = 0.0, 0
-    hits: list[torch.Tensor] = []
-    for micro_batch in _chunks(examples, attempt.state.micro_batch_size):
-        total += float(_summed_loss(attempt, collate(micro_batch, attempt.setup.data.pad_token_id), hits))
-        tokens += sum(_trained_tokens(example) for example in micro_batch)
-    attempt.model.train()
-    hit_count, counted = torch.stack(hits).sum(dim=0).tolist() if hits else (0, 0)
-    return total / max(1, tokens), hit_count / max(1, counted)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # How an attempt ends
 
@@ -540,7 +448,7 @@ def _finish(attempt: Attempt) -> TrainResult:
     if ranks.is_main:
         source = resolve_model_source(setup.options.model)
         save_adapter(attempt.model, attempt.tokenizer, output_dir, base_folder=source, state_dict=gathered)
-        evaluation = _evaluate(attempt)
+        evaluation = evaluate_after_training(attempt)
         if evaluation is not None:
             metrics["pass_at_k"] = evaluation.get("pass_at_k")
         write_manifest(
@@ -553,30 +461,6 @@ def _finish(attempt: Attempt) -> TrainResult:
         status="succeeded", output_dir=output_dir, adapter_dir=output_dir, steps=state.step,
         trained_tokens=state.trained_tokens, metrics=metrics,
     )
-
-
-def _evaluate(attempt: Attempt) -> dict[str, Any] | None:
-    """Greedy pass@1 of the trained model on --eval_data, every completion run in the sandbox; None without it."""
-    tasks, report = attempt.setup.data.eval_tasks, attempt.setup.report
-    if not tasks:
-        return None
-    if attempt.setup.ranks.deepspeed:  # sharded weights would need every rank to generate in step
-        report.message("Evaluation skipped: --eval_data is not run under DeepSpeed", level="warn")
-        return None
-    from backend.evaluation.harness import evaluate_model
-    from backend.evaluation.sandbox import SandboxUnavailable
-
-    attempt.model.eval()
-    attempt.model.config.use_cache = True  # generation, unlike training, wants the KV cache
-    try:
-        result = evaluate_model(attempt.model, attempt.tokenizer, tasks, temperature=0.0)
-    except SandboxUnavailable as error:  # fails closed: nothing generated runs outside the sandbox
-        report.message(f"Evaluation skipped: {error}", level="warn")
-        return {"error": str(error)}
-    finally:
-        attempt.model.config.use_cache = False
-    report.message(f"Evaluation on {len(tasks)} tasks (sandboxed): pass@1 {result.pass_at_k['pass@1']:.3f}")
-    return result.to_dict(include_samples=False)
 
 
 def _failed(options: TrainingOptions, code: FailureCode, message: str, report: Reporter) -> TrainResult:
@@ -600,15 +484,6 @@ def _epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a shuffle seeded by (seed, epoch), so a resume can replay it."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n_examples, generator=generator).tolist()
-
-
-def _chunks(items: list[TokenizedExample], size: int) -> Iterator[list[TokenizedExample]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _trained_tokens(example: TokenizedExample) -> int:
-    return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
 def _trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

@@ -204,7 +204,7 @@ def load_model(folder: Path, arch: str, *, lora: bool) -> nn.Module:
 
 
 def plain_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The trainer's loss today (trainer._summed_loss): the whole shifted logits, upcast."""
+    """The trainer's loss today (loss.summed_loss without the chunked head): the whole shifted logits, upcast."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),

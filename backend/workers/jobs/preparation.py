@@ -29,9 +29,11 @@ from backend.training.datasets import (
 )
 from backend.training.memory import apply_safe_defaults, load_model_config, plan_memory
 from backend.training.options import API_TRAINING_FIELDS, TrainingOptions
+from backend.training.preference_data import tokenize_preferences
 
 MIN_TRAINING_EXAMPLES = 1
 TOKEN_STATS_MAX_EXAMPLES = 2000  # enough to warn about truncation without tokenizing a huge file twice
+UNTRUNCATED_TOKENS = 1 << 30  # a length no line reaches: preference lines measured before truncation
 
 
 class JobRefused(Exception):
@@ -173,13 +175,25 @@ def token_warnings(options: TrainingOptions, train_path: Path, fmt: DatasetForma
     """Warnings about examples longer than max_seq_length (the trainer truncates them)."""
     tokenizer = cached_tokenizer(options.model)
     examples = first_examples(train_path, TOKEN_STATS_MAX_EXAMPLES)
-    stats = token_length_stats(examples, fmt, tokenizer, max_seq_length=options.seq_length)
+    if fmt == "preference":
+        stats = _preference_length_stats(examples, tokenizer, max_seq_length=options.seq_length)
+    else:
+        stats = token_length_stats(examples, fmt, tokenizer, max_seq_length=options.seq_length)
     if not stats["n_truncated"]:
         return []
     return [
         f"{stats['n_truncated']} of {stats['n_examples']} examples checked are longer than max_seq_length="
         f"{options.max_seq_length} tokens (longest {stats['max_tokens']}); they will be truncated."
     ]
+
+
+def _preference_length_stats(examples: list[dict[str, Any]], tokenizer: Any, *, max_seq_length: int
+                             ) -> dict[str, int | float]:
+    """n_examples, max_tokens and n_truncated of preference lines, each measured by its longer side."""
+    untruncated = tokenize_preferences(examples, tokenizer, max_seq_length=UNTRUNCATED_TOKENS)
+    lengths = [len(line.prompt_ids) + max(len(line.chosen_ids), len(line.rejected_ids)) for line in untruncated]
+    return {"n_examples": len(lengths), "max_tokens": max(lengths, default=0),
+            "n_truncated": sum(length > max_seq_length for length in lengths)}
 
 
 def prepare_run(job: Job, training_file: File | None, validation_file: File | None, settings: Settings

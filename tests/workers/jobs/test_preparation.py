@@ -41,3 +41,23 @@ def test_auto_on_a_gpu_that_fits_nothing_is_refused_naming_the_smallest_budget(l
 
     assert refused.value.code == "out_of_memory" and refused.value.param == "training.max_seq_length"
     assert "the smallest budget that fits is 9.73 GiB" in refused.value.message
+
+
+def test_preference_lines_are_measured_for_truncation_by_their_longer_side(worker_models_dir, tmp_path):
+    """A DPO file passes the worker's token check; its lines are measured prompt + longer completion."""
+    from backend.workers.jobs.preparation import token_warnings
+
+    def line(rejected: str) -> str:
+        return json.dumps({
+            "input": {"messages": [{"role": "user", "content": "Say yes."}]},
+            "preferred_output": [{"role": "assistant", "content": "yes"}],
+            "non_preferred_output": [{"role": "assistant", "content": rejected}],
+        })
+
+    path = tmp_path / "preferences.jsonl"
+    path.write_text(line("no") + "\n" + line("no " * 200) + "\n", encoding="utf-8")
+    options = TrainingOptions(model=str(worker_models_dir / "tiny-gpt2"), max_seq_length=64)
+
+    warnings = token_warnings(options, path, "preference")
+
+    assert len(warnings) == 1 and warnings[0].startswith("1 of 2 examples checked are longer than max_seq_length=64")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -252,28 +252,28 @@ def loss_backend_reason(device: torch.device | str) -> str:
     return _choose_backend(torch.device(device).type)[1]
 
 
+class LossOptions(TypedDict, total=False):
+    """`chunked_cross_entropy`'s keyword options, which `fused_linear_cross_entropy` takes too."""
+
+    chunk_tokens: int | None
+    compute_dtype: torch.dtype | None
+    token_hits: list[torch.Tensor] | None
+
+
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    chunk_tokens: int | None = None,
-    compute_dtype: torch.dtype | None = None,
-    token_hits: list[torch.Tensor] | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    **options: Unpack[LossOptions],
 ) -> torch.Tensor:
     """`chunked_cross_entropy`, through Liger Kernel's fused kernel where `select_loss_backend` picks it."""
     if select_loss_backend(hidden.device) != "liger":
-        return chunked_cross_entropy(
-            hidden, weight, labels, bias, chunk_tokens=chunk_tokens, compute_dtype=compute_dtype,
-            token_hits=token_hits,
-        )
+        return chunked_cross_entropy(hidden, weight, labels, bias, **options)
+    token_hits, chunk_tokens = options.get("token_hits"), options.get("chunk_tokens")
     if token_hits is not None:  # Liger's kernel keeps no argmax: project again, a slice at a time, without a graph
         token_hits.append(chunked_argmax_hits(hidden.detach(), weight.detach(), labels, bias,
                                               chunk_tokens=chunk_tokens))
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    dtype = compute_dtype or _projection_dtype(hidden, weight)
+    dtype = options.get("compute_dtype") or _projection_dtype(hidden, weight)
     loss = liger_fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.size(-1)).to(dtype).contiguous(),
         weight.to(dtype),

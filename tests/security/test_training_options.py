@@ -39,10 +39,13 @@ WRONG_TYPE: dict[str, list[object]] = {
     "train_on_completions_only": [1, "no"],
     "deepspeed": [2, True, ["zero2"]],
     "chunked_loss": ["yes", 1],
+    "method": [1, "ppo", ["dpo"]],
+    "dpo_beta": ["0.1", True, [0.1]],
 }
 
 OUT_OF_RANGE: dict[str, list[object]] = {
     "lora_r": [0, -1, 10**9],
+    "dpo_beta": [0, -0.1],
     "lora_alpha": [0, -16, 10**9],
     "lora_dropout": [1.0, -0.1, 7],
     "lora_target_modules": [[""], ["c_attn\x00"], ["../x"], ["m" * 300], ["m"] * 500, []],
@@ -95,7 +98,8 @@ HYPERPARAMETER_ATTACKS: list[tuple[dict[str, object], str]] = [
     ({"seed": 2**80}, "seed"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}},
      "method.supervised.hyperparameters.n_epochs"),
-    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"method": {"type": "reinforcement"}}, "method.type"),
+    ({"method": {"type": "dpo"}}, "training_file"),  # dpo trains, but on a preference file, not this chat file
     ({"method": {"type": "supervised", "extra": 1}}, "method.extra"),
     ({"method": "supervised"}, "method"),
     ({"training": ["use_lora"]}, "training"),
@@ -173,7 +177,7 @@ def test_contradictions_unknown_keys_and_hyperparameter_attacks_are_400_naming_t
             "epochs": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-4,
             "max_steps": 10, "max_seq_length": 64, "warmup_ratio": 0.1, "weight_decay": 0.01, "save_steps": 5,
             "logging_steps": 1, "seed": 7, "packing": False, "train_on_completions_only": True, "deepspeed": "zero2",
-            "chunked_loss": False}
+            "chunked_loss": False, "method": "supervised", "dpo_beta": 0.1}
     assert set(good) == set(API_TRAINING_FIELDS)
     response = _create(client, key_a, file_id, {"training": good})
     assert response.status_code == 200, response.text

@@ -277,8 +277,7 @@ def _optimizer_step(attempt: Attempt, examples: list[TokenizedExample]) -> tuple
     ranks = attempt.setup.ranks
     attempt.setup.healing.step_in_progress = step
     maybe_inject_oom(attempt.setup.healing, attempt.setup.options, step)
-    accumulate = _accumulate_preference_gradients if attempt.setup.options.method == "dpo" else _accumulate_gradients
-    micro_losses, input_tokens = accumulate(attempt, examples, step)
+    micro_losses, input_tokens = _accumulate_gradients(attempt, examples, step)
     grad_norm_tensor = _clip_gradients(attempt)
     # One device sync per step, for the loss and the gradient norm together.
     step_loss = torch.stack([value.to(grad_norm_tensor.device) for value in micro_losses]).sum()
@@ -299,45 +298,43 @@ def _optimizer_step(attempt: Attempt, examples: list[TokenizedExample]) -> tuple
 
 
 def _accumulate_gradients(
-    attempt: Attempt, examples: list[TokenizedExample], step: int
+    attempt: Attempt, examples: list[Any], step: int
 ) -> tuple[list[torch.Tensor], int]:
     """Forward and backward of this rank's micro-batches of one step; their losses (on the device) and input tokens."""
-    # The loss is summed over tokens and divided by the step's trained tokens (on all ranks), so it does not
-    # depend on how the step is split into micro-batches or ranks: an OOM recovery that halves the
-    # micro-batch trains the same, and N ranks train as one process with N times the batch.
-    label_tokens = max(1, sum(trained_tokens(example) for example in examples))
+    micro_batch_loss = _micro_batch_loss(attempt, examples)
     micro_losses: list[torch.Tensor] = []
     input_tokens = 0
     micro_batches = _rank_micro_batches(attempt, examples)
     for index, (micro_batch, counts) in enumerate(micro_batches):
         with attempt.setup.ranks.gradient_sync(attempt.forward_model, sync=index == len(micro_batches) - 1):
-            batch = collate(micro_batch, attempt.setup.data.pad_token_id)
-            input_tokens += int(batch["attention_mask"].sum()) if counts else 0
-            # Argmax hits are counted in the loss's own slices (no whole logits), for train_mean_token_accuracy.
-            loss = summed_loss(attempt, batch, attempt.accuracy.pending if counts else None) / label_tokens
+            loss, tokens = micro_batch_loss(micro_batch, counts)
+            input_tokens += tokens if counts else 0
             loss = maybe_inject_nan(attempt.setup.healing, attempt.setup.options, step, loss if counts else loss * 0.0)
             _backward(attempt, loss)
             micro_losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
-            del loss, batch  # the graph is gone after backward; drop the inputs before the next forward
-    return micro_losses, input_tokens
-
-
-def _accumulate_preference_gradients(
-    attempt: Attempt, pairs: list[Any], step: int
-) -> tuple[list[torch.Tensor], int]:
-    """_accumulate_gradients for --method dpo: the step's loss is the mean DPO loss over its pairs (all ranks)."""
-    micro_losses: list[torch.Tensor] = []
-    input_tokens = 0
-    micro_batches = _rank_micro_batches(attempt, pairs)
-    for index, (micro_batch, counts) in enumerate(micro_batches):
-        with attempt.setup.ranks.gradient_sync(attempt.forward_model, sync=index == len(micro_batches) - 1):
-            input_tokens += sum(pair_tokens(pair) for pair in micro_batch) if counts else 0
-            loss = preference_micro_batch_loss(attempt, micro_batch, len(pairs))
-            loss = maybe_inject_nan(attempt.setup.healing, attempt.setup.options, step, loss if counts else loss * 0.0)
-            _backward(attempt, loss)
-            micro_losses.append(loss.detach().float())
             del loss  # the graph is gone after backward
     return micro_losses, input_tokens
+
+
+def _micro_batch_loss(
+    attempt: Attempt, examples: list[Any]
+) -> Callable[[list[Any], bool], tuple[torch.Tensor, int]]:
+    """The loss of one micro-batch, scaled to its share of the step's loss on all ranks, and its input tokens."""
+    if attempt.setup.options.method == "dpo":  # the mean DPO loss over the step's pairs
+        return lambda pairs, counts: (preference_micro_batch_loss(attempt, pairs, len(examples)),
+                                      sum(pair_tokens(pair) for pair in pairs))
+    # The loss is summed over tokens and divided by the step's trained tokens (on all ranks), so it does not
+    # depend on how the step is split into micro-batches or ranks: an OOM recovery that halves the
+    # micro-batch trains the same, and N ranks train as one process with N times the batch.
+    label_tokens = max(1, sum(trained_tokens(example) for example in examples))
+
+    def token_loss(micro_batch: list[TokenizedExample], counts: bool) -> tuple[torch.Tensor, int]:
+        batch = collate(micro_batch, attempt.setup.data.pad_token_id)  # freed on return, before the next forward
+        # Argmax hits are counted in the loss's own slices (no whole logits), for train_mean_token_accuracy.
+        loss = summed_loss(attempt, batch, attempt.accuracy.pending if counts else None) / label_tokens
+        return loss, int(batch["attention_mask"].sum())
+
+    return token_loss
 
 
 def _log_rewards(attempt: Attempt) -> None:

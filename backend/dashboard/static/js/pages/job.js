@@ -199,8 +199,7 @@ export function renderJob(root, signal, jobId) {
       const data = event.data || {};
       if (event.type === "metrics") {
         const step = Number(data.step);
-        train.add(step, data.train_loss);
-        if (typeof data.valid_loss === "number") valid.add(step, data.valid_loss);
+        train.add(step, data.train_loss);  // a metrics event's valid_loss is one batch's: the curve is the whole file's
       } else if (data.plan && data.plan.breakdown) {
         state.plan = data.plan;
         showPlan();
@@ -245,7 +244,7 @@ export function renderJob(root, signal, jobId) {
     try {
       const checkpoints = await listAll(`/v1/fine_tuning/jobs/${jobId}/checkpoints`, { query: { limit: 100 }, signal });
       for (const checkpoint of checkpoints) {
-        const metric = checkpoint.metrics?.valid_loss ?? checkpoint.metrics?.eval_loss;
+        const metric = checkpoint.metrics?.full_valid_loss ?? checkpoint.metrics?.eval_loss;  // the whole validation file
         if (typeof metric === "number") valid.add(checkpoint.step_number, metric);
       }
       fill(checkpointsSlot, checkpoints.length ? h("table", null,

@@ -126,9 +126,9 @@ def preference_micro_batch_loss(attempt: Attempt, pairs: list[PreferenceExample]
 
 
 @torch.no_grad()
-def preference_validation_loss(attempt: Attempt) -> float:
-    """Mean DPO loss per pair over the validation pairs, in eval mode (no dropout)."""
-    pairs = attempt.setup.data.validation or []
+def preference_validation_loss(attempt: Attempt, pairs: list[PreferenceExample] | None = None) -> float:
+    """Mean DPO loss per pair over `pairs` (default: every validation pair), in eval mode (no dropout)."""
+    pairs = (attempt.setup.data.validation or []) if pairs is None else pairs
     attempt.model.eval()
     total = 0.0
     for start in range(0, len(pairs), attempt.state.micro_batch_size):

@@ -33,6 +33,8 @@ OPENAI_METRICS = (
     "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
     "full_valid_loss", "full_valid_mean_token_accuracy",
 )
+# What a --method dpo run reports beside train_loss (TRL's names), in place of a token accuracy.
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 # bitsandbytes tries a Hub kernel for 4-bit CPU matmuls at import on CPUs with AVX512-BF16; without network
 # access or the `kernels` package it warns on every run, then uses its own kernel (nothing is lost).
 BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -128,6 +130,7 @@ def log_metrics(attempt: Attempt, validation: dict[str, float] | None = None) ->
         "step": state.step,
         "train_loss": train_loss,
         **attempt.accuracy.as_metrics(setup.ranks),
+        **attempt.rewards.means(),  # --method dpo: the window's reward stats (in place of a token accuracy)
         **(validation or {}),
         "learning_rate": attempt.learning_rate,
         "tokens_per_second": attempt.throughput.tokens_per_second(),
@@ -173,15 +176,12 @@ def final_metrics(attempt: Attempt) -> dict[str, Any]:
 def summary(attempt: Attempt, metrics: dict[str, Any]) -> str:
     """The closing line: steps, speed, final loss, peak memory against the plan, where the output is."""
     what = "adapter" if attempt.setup.options.use_lora else "full model"
-    accuracy = metrics.get("train_mean_token_accuracy", float("nan"))
-    validation = "".join(
-        f", {name} {metrics[name]:.4f}" for name in ("full_valid_loss", "full_valid_mean_token_accuracy")
-        if name in metrics
-    )
+    shown = _present(metrics, ("train_mean_token_accuracy", *DPO_METRICS, "full_valid_loss",
+                               "full_valid_mean_token_accuracy"))
     return (
         f"Done: {metrics['step']} steps in {metrics['runtime_seconds']:.1f} s, "
-        f"{metrics['tokens_per_second']:.0f} tokens/s, train_loss {metrics['train_loss']:.4f}, "
-        f"train_mean_token_accuracy {accuracy:.4f}{validation}; {memory_against_plan(metrics)}; "
+        f"{metrics['tokens_per_second']:.0f} tokens/s, train_loss {metrics['train_loss']:.4f}"
+        f"{shown}; {memory_against_plan(metrics)}; "
         f"the {what} is in {Path(attempt.setup.options.output_dir)}"
     )
 
@@ -204,15 +204,17 @@ def memory_against_plan(metrics: dict[str, Any]) -> str:
 
 def metrics_line(metrics: dict[str, Any]) -> str:
     """One logging step's metrics as the line the log shows."""
-    validation = "".join(
-        f", {name} {metrics[name]:.4f}" for name in ("valid_loss", "valid_mean_token_accuracy") if name in metrics
-    )
+    shown = _present(metrics, ("train_mean_token_accuracy", *DPO_METRICS, "valid_loss", "valid_mean_token_accuracy"))
     return (
-        f"step {metrics['step']}/{metrics['total_steps']}: train_loss {metrics['train_loss']:.4f}, "
-        f"train_mean_token_accuracy {metrics.get('train_mean_token_accuracy', float('nan')):.4f}{validation}, "
+        f"step {metrics['step']}/{metrics['total_steps']}: train_loss {metrics['train_loss']:.4f}{shown}, "
         f"lr {metrics['learning_rate']:.2e}, {metrics['tokens_per_second']:.0f} tokens/s, "
         f"memory {metrics['gpu_memory_used_bytes'] / GIB:.2f} GiB (peak {metrics['peak_memory_bytes'] / GIB:.2f})"
     )
+
+
+def _present(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
+    """`, name value` for each of `names` the metrics hold (a DPO run has no token accuracy: none is printed)."""
+    return "".join(f", {name} {metrics[name]:.4f}" for name in names if name in metrics)
 
 
 @contextmanager

@@ -257,7 +257,6 @@ def _train_loop(attempt: Attempt) -> TrainResult:
             bar.update(1)
             if state.step % options.logging_steps == 0 or state.step == state.total_steps:
                 bar.set_postfix(loss=f"{log_metrics(attempt, validation_batch_metrics(attempt)):.4f}")
-                _log_rewards(attempt)
             if options.save_steps and state.step % options.save_steps == 0:
                 _save(attempt)
     if _stop_agreed(attempt):
@@ -335,15 +334,6 @@ def _micro_batch_loss(
         return loss, int(batch["attention_mask"].sum())
 
     return token_loss
-
-
-def _log_rewards(attempt: Attempt) -> None:
-    """--method dpo: the rewards of the pairs since the last log line, as a message event with the numbers."""
-    rewards = attempt.rewards.means()
-    if rewards:
-        text = ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
-        attempt.setup.report.emit("message", f"step {attempt.state.step}: {text}",
-                                  data={"step": attempt.state.step, **rewards})
 
 
 def _rank_micro_batches(attempt: Attempt, examples: list[Any]) -> list[tuple[list[Any], bool]]:

@@ -23,8 +23,9 @@ def validation_loss(attempt: Attempt) -> float:
 
 def validation_metrics(attempt: Attempt) -> dict[str, float]:
     """A checkpoint's validation: eval_loss and full_valid_* over the whole file, valid_* on this step's batch."""
-    if attempt.setup.options.method == "dpo":
-        return {"eval_loss": validation_loss(attempt)}
+    if attempt.setup.options.method == "dpo":  # the DPO loss; a preference pair has no token accuracy
+        loss = validation_loss(attempt)
+        return {**validation_batch_metrics(attempt), "eval_loss": loss, "full_valid_loss": loss}
     loss, accuracy = loss_and_accuracy(attempt, attempt.setup.data.validation or [])
     full = {"eval_loss": loss, "full_valid_loss": loss, "full_valid_mean_token_accuracy": accuracy}
     return {**validation_batch_metrics(attempt), **full}
@@ -32,13 +33,15 @@ def validation_metrics(attempt: Attempt) -> dict[str, float]:
 
 def validation_batch_metrics(attempt: Attempt) -> dict[str, float]:
     """valid_loss and valid_mean_token_accuracy on one micro-batch of the validation file, a different one each
-    logging step (OpenAI's per-step validation); none without a validation file or for --method dpo."""
+    logging step (OpenAI's per-step validation); none without a validation file; for --method dpo the loss alone."""
     validation, state = attempt.setup.data.validation, attempt.state
-    if not validation or attempt.setup.options.method == "dpo":
+    if not validation:
         return {}
     size = min(state.micro_batch_size, len(validation))  # a micro-batch is what this attempt knows fits
     start = (state.step // attempt.setup.options.logging_steps * size) % len(validation)
     batch = (validation + validation)[start : start + size]
+    if attempt.setup.options.method == "dpo":
+        return {"valid_loss": preference_validation_loss(attempt, batch)}
     loss, accuracy = loss_and_accuracy(attempt, batch)
     return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +119,15 @@ def _options(model: Path, output_dir: Path, data: Path, **overrides: Any) -> Tra
 
 
 def _rewards(events: EventLog) -> list[dict[str, Any]]:
-    return [event.data for event in events.of_kind("message") if "rewards/margin" in event.data]
+    return [metrics for metrics in events.metrics() if "rewards/margin" in metrics]
 
 
 @pytest.mark.usefixtures("single_torch_thread")
 def test_a_dpo_run_learns_the_preference_and_writes_an_adapter_that_loads(
     tiny_llama: Path, tmp_path: Path, events: EventLog
 ) -> None:
-    options = _options(tiny_llama, tmp_path / "out", _preference_file(tmp_path / "prefs.jsonl"), save_steps=4)
+    data = _preference_file(tmp_path / "prefs.jsonl")
+    options = _options(tiny_llama, tmp_path / "out", data, save_steps=4, validation_data=str(data))
 
     result = run_training(options, on_event=events)
 
@@ -140,12 +142,36 @@ def test_a_dpo_run_learns_the_preference_and_writes_an_adapter_that_loads(
     assert result.metrics["rewards/accuracy"] == 1.0
     checkpoints = [event.data for event in events.of_kind("checkpoint")]
     assert [c["step"] for c in checkpoints] == [4, 8] and "rewards/margin" in checkpoints[-1]["metrics"]
+    assert {"train_loss", "valid_loss", "full_valid_loss"} <= checkpoints[-1]["metrics"].keys()
+    assert all(0 < metrics["valid_loss"] < 1 for metrics in events.metrics())
+    assert result.metrics["full_valid_loss"] == checkpoints[-1]["metrics"]["full_valid_loss"] < losses[0]
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     ids = torch.tensor([[5, 6, 7, 8]])
     before = base(input_ids=ids).logits
     trained = PeftModel.from_pretrained(base, str(tmp_path / "out"))
     assert not torch.allclose(trained(input_ids=ids).logits, before, atol=1e-4)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_dpo_run_reports_rewards_in_place_of_a_token_accuracy_and_never_nan(
+    tiny_llama: Path, tmp_path: Path, events: EventLog
+) -> None:
+    """A pair has no token accuracy to report (OpenAI's DPO metrics are the loss and the rewards): no
+    train_mean_token_accuracy anywhere, no NaN in any event's JSON, no "nan" in any line a user reads."""
+    data = _preference_file(tmp_path / "prefs.jsonl")
+
+    result = run_training(_options(tiny_llama, tmp_path / "out", data, max_steps=2, save_steps=2), on_event=events)
+
+    assert result.status == "succeeded", result.error_message
+    checkpoint = events.of_kind("checkpoint")[-1].data["metrics"]
+    for metrics in [*events.metrics(), checkpoint, result.metrics]:
+        assert "train_mean_token_accuracy" not in metrics and "valid_mean_token_accuracy" not in metrics
+        assert {"train_loss", "rewards/accuracy", "rewards/margin"} <= metrics.keys()
+    for event in events:
+        json.dumps(event.data, allow_nan=False)
+        assert not re.search(r"\bnan\b", event.message, re.IGNORECASE), event.message
+    assert "rewards/margin" in events.metrics()[-1] and "rewards/accuracy" in events.of_kind("message")[-1].message
 
 
 def test_dpo_is_refused_without_lora_naming_both_flags() -> None:

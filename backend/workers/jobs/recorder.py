@@ -31,9 +31,11 @@ T = TypeVar("T")
 METRIC_FIELDS = (
     "step", "train_loss", "learning_rate", "tokens_per_second", "gpu_memory_used_bytes", "peak_memory_bytes",
     "epoch", "total_steps",
-    # OpenAI's names, those a run has: train_mean_token_accuracy always, valid_* with a validation file
+    # OpenAI's names, those a run has: train_mean_token_accuracy (supervised), valid_* with a validation file
     "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss",
     "full_valid_mean_token_accuracy",
+    # --method dpo's, in place of a token accuracy (training/reporting.DPO_METRICS)
+    "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
 )
 
 

@@ -139,12 +139,23 @@ def save_checkpoint(
     if ranks.is_main:
         _fresh_temporary_folder(temporary)
         model.save_pretrained(temporary)  # type: ignore[operator]  # safetensors: PEFT and transformers 5 default
+        _name_adapter_base_portably(temporary)
         torch.save(optimizer.state_dict(), temporary / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), temporary / SCHEDULER_FILE)
         torch.save(_rng_states(), temporary / RNG_FILE)
         _complete_and_rename(temporary, final, state, save_total_limit=save_total_limit)
     ranks.barrier()  # no rank goes on, or rolls back to it, before the checkpoint is complete
     return final
+
+
+def _name_adapter_base_portably(folder: Path) -> None:
+    """A LoRA checkpoint names its base as the final adapter does (by name, not this machine's path), so
+    `PeftModel.from_pretrained` loads it elsewhere too; resuming reads the weights alone and is unaffected."""
+    from backend.training.manifest import name_base_portably
+
+    if (folder / "adapter_config.json").is_file():
+        (folder / "README.md").unlink(missing_ok=True)  # peft's model card: boilerplate with local paths
+        name_base_portably(folder / "adapter_config.json", None)
 
 
 def save_sharded_checkpoint(

@@ -156,7 +156,7 @@ def save_adapter(
         if _is_peft_model(model):
             model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
             (staging / "README.md").unlink(missing_ok=True)  # peft's model card: boilerplate with local paths
-            _name_base_portably(staging / "adapter_config.json", base_model_name)
+            name_base_portably(staging / "adapter_config.json", base_model_name)
         else:
             _save_full_model(model, staging, state_dict)
         tokenizer.save_pretrained(staging)
@@ -167,7 +167,7 @@ def save_adapter(
     return output
 
 
-def _name_base_portably(config_path: Path, base_model_name: str | None) -> None:
+def name_base_portably(config_path: Path, base_model_name: str | None) -> None:
     """Rewrite adapter_config.json's base_model_name_or_path as the model's name (the in-memory config is kept)."""
     from backend.training.modeling import portable_model_name
 

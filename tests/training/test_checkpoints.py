@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from backend.training import checkpoints
@@ -68,6 +68,30 @@ def test_a_checkpoint_holds_the_complete_state_and_no_temporary_folder(tiny_gpt2
     assert not [item for item in tmp_path.iterdir() if item.name.startswith(".")]
     saved = json.loads((path / "trainer_state.json").read_text())
     assert saved["step"] == 7 and saved["micro_batch_size"] == 1 and saved["lr_scale"] == 0.5
+
+
+def test_a_lora_checkpoint_names_its_base_by_name_and_loads_elsewhere_and_resumes(tiny_gpt2, tmp_path):
+    model = _lora(tiny_gpt2)
+    optimizer, scheduler = _trained(model)
+
+    path = save_checkpoint(tmp_path / "run", model=model, optimizer=optimizer, scheduler=scheduler, state=_state(5),
+                           save_total_limit=2)
+
+    text = (path / "adapter_config.json").read_text()
+    assert json.loads(text)["base_model_name_or_path"] == tiny_gpt2.name  # "gpt2", as the final adapter names it
+    assert str(tiny_gpt2) not in text and str(tmp_path) not in text and '"/' not in text
+    assert not (path / "README.md").exists()  # peft's model card would carry the path again
+    assert model.peft_config["default"].base_model_name_or_path == str(tiny_gpt2)  # the live model is untouched
+    moved = shutil.copytree(tiny_gpt2, tmp_path / "elsewhere" / tiny_gpt2.name)  # the base on another machine
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moved), path)
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    fresh = _lora(tiny_gpt2)
+    fresh_optimizer, fresh_scheduler = _trained(fresh)
+    assert load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler).step == 5
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, model(ids).logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])

@@ -330,7 +330,7 @@ class Engine:
         base, model = self._model_for(request.model)
         tokenizer = base.tokenizer
         try:
-            text = (chat_prompt(request.messages or [], tokenizer) if request.kind == "chat"
+            text = (chat_prompt(request.messages or [], tokenizer, request.tools) if request.kind == "chat"
                     else completion_prompt(request.prompt or "", tokenizer))
         except RenderError as error:
             raise InvalidRequest(str(error), param=request.input_param) from None

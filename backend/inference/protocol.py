@@ -1,6 +1,9 @@
 """OpenAI-shaped chat and completion requests, checked the same way by the API and the engine, and the answers.
 
 A bad field is an InvalidRequest naming it (`param`), so the API answers 400 before anything reaches an engine.
+Chat requests may declare `tools` (or legacy `functions`) and carry a tool conversation (assistant `tool_calls`,
+`tool` messages): checked as training checks a tool-use line (conversations.Conversation), and rendered as
+training rendered it (rendering.chat_prompt).
 """
 
 from __future__ import annotations
@@ -10,12 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from backend.services.errors import InvalidRequest
-from backend.training.conversations import CHAT_ROLES
+from backend.training.conversations import MESSAGE_ROLES, Conversation, quoted
 
 RequestKind = Literal["chat", "completion"]
 MAX_STOP_SEQUENCES = 4
 # Fields OpenAI defines that safetrain does not serve: refused rather than silently ignored.
-_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias")
+_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias")
+# A message's tool-use fields, kept for the template (content, role and weight-free otherwise).
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "function_call", "name")
+# The tools are in the prompt and the model decides whether to call one; forcing a call ("required", a named
+# function) needs constrained decoding, which the embedded engine does not do: refused, not ignored.
+_FREE_TOOL_CHOICES = ("auto", "none")
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,12 @@ class GenerationRequest:
 
     kind: RequestKind
     model: str
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     prompt: str | None
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
+    tools: list[dict[str, Any]] | None = None  # OpenAI's `tools`, legacy `functions` among them as tools
 
     @property
     def input_param(self) -> str:
@@ -98,20 +107,58 @@ def _content(message: dict[str, Any], index: int) -> str:
     return content
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any], conversation: Conversation) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list of {role, content} objects.", "messages")
-    checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _bad(f"messages[{index}] must be an object with role and content.", f"messages[{index}]")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise _bad(f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)} (got {role!r:.40}).",
-                       f"messages[{index}].role")
-        checked.append({"role": str(role), "content": _content(message, index)})
+    return [_message(message, index, conversation) for index, message in enumerate(messages)]
+
+
+def _message(message: Any, index: int, conversation: Conversation) -> dict[str, Any]:
+    """One message with its content as text; its calls checked against the declared tools and earlier calls."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise _bad(f"{where} must be an object with role and content.", where)
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        raise _bad(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)} (got {role!r:.40}).", f"{where}.role")
+    checked: dict[str, Any] = {"role": role}
+    checked |= {key: message[key] for key in _TOOL_FIELDS if message.get(key) not in (None, [])}
+    calls = role == "assistant" and ("tool_calls" in checked or "function_call" in checked)
+    if message.get("content") is not None or not calls:  # a message making calls may have no content
+        checked["content"] = _content(message, index)
+    fault = conversation.check_message(checked, where)
+    if fault:
+        raise _bad(f"{fault}.", _tool_param(checked, where))
     return checked
+
+
+def _tool_param(message: dict[str, Any], where: str) -> str:
+    """The field a tool-use fault is in: the calls, or what a tool or function answer names."""
+    for key in ("tool_calls", "function_call"):
+        if key in message:
+            return f"{where}.{key}"
+    return {"tool": f"{where}.tool_call_id", "function": f"{where}.name"}.get(message["role"], where)
+
+
+def _tools(body: dict[str, Any], kind: RequestKind) -> tuple[list[dict[str, Any]] | None, Conversation]:
+    """The declared tools (legacy `functions` as tools), checked as a training line's are, and their checker."""
+    declared = {key: body[key] for key in ("tools", "functions") if body.get(key) is not None and body[key] != []}
+    for key, value in declared.items():
+        if kind != "chat":
+            raise _bad(f"{key} is only for chat completions.", key)
+        fault = Conversation({key: value}, holder="request").tools_fault
+        if fault:
+            raise _bad(f"{key}: {fault}.", key)
+    for key, over in (("tool_choice", "tools"), ("function_call", "functions")):
+        choice = body.get(key)
+        if choice is not None and over not in declared:
+            raise _bad(f"{key} is only allowed when {over} are given.", key)
+        if choice is not None and choice not in _FREE_TOOL_CHOICES:
+            raise _bad(f"{key} {quoted(choice)} is not supported: safetrain's inference does not force a call; "
+                       'give "auto" (the model decides) or "none".', key)
+    tools = [*declared.get("tools", []), *({"type": "function", "function": f} for f in declared.get("functions", []))]
+    return tools or None, Conversation(declared, holder="request")
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -179,11 +226,12 @@ def parse_request(body: Any, *, kind: RequestKind, limits: Limits) -> Generation
     for name in _UNSUPPORTED:
         if body.get(name):
             raise _bad(f"{name} is not supported by safetrain's inference.", name)
-    messages = _messages(body) if kind == "chat" else None
+    tools, conversation = _tools(body, kind)
+    messages = _messages(body, conversation) if kind == "chat" else None
     prompt = _prompt(body) if kind == "completion" else None
     stream, include_usage = _streaming(body)
     return GenerationRequest(kind=kind, model=model, messages=messages, prompt=prompt,
-                             sampling=_sampling(body, limits), stream=stream, include_usage=include_usage)
+                             sampling=_sampling(body, limits), stream=stream, include_usage=include_usage, tools=tools)
 
 
 # Answers.

@@ -31,9 +31,15 @@ def _before_answer(example: dict[str, Any], fmt: Any, tokenizer: Any) -> str:
     return text[:cut]
 
 
-def chat_prompt(messages: list[dict[str, str]], tokenizer: Any) -> str:
-    """The conversation as training rendered it, up to where the assistant's answer begins."""
-    return _before_answer({"messages": [*messages, {"role": "assistant", "content": _ANSWER}]}, "chat", tokenizer)
+def chat_prompt(messages: list[dict[str, Any]], tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation (and its tools) as training rendered it, up to where the assistant's answer begins.
+
+    Tools go through the template's tools support, or the plain fallback where it has none (chat_tools.py).
+    """
+    example: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": _ANSWER}]}
+    if tools:
+        example["tools"] = tools
+    return _before_answer(example, "chat", tokenizer)
 
 
 def completion_prompt(prompt: str, tokenizer: Any) -> str:

@@ -66,7 +66,8 @@ def uses_tools(record: dict[str, Any]) -> bool:
 class Conversation:
     """One line's messages checked in order: roles, content, weights, and calls against the line's tools."""
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: dict[str, Any], *, holder: str = "line") -> None:
+        self.holder = holder  # what declares the tools, as faults name it: a file's line, or an API request
         self.tool_names: set[str] = set()
         self.call_ids: set[str] = set()  # tool calls made so far, which `tool` messages may answer
         self.called_functions: set[str] = set()  # legacy function calls made so far
@@ -77,7 +78,7 @@ class Conversation:
 
     def fork(self) -> Conversation:
         """A copy to check one alternative continuation with (a preference line's two outputs)."""
-        copy = Conversation({})
+        copy = Conversation({}, holder=self.holder)
         copy.tool_names = self.tool_names
         copy.call_ids, copy.called_functions = set(self.call_ids), set(self.called_functions)
         return copy
@@ -151,7 +152,7 @@ class Conversation:
         if not isinstance(name, str) or not name:
             return f'{at} has no function "name"'
         if name not in self.tool_names:
-            return f"{at} calls {quoted(name)}, which is not in the line's \"tools\""
+            return f"{at} calls {quoted(name)}, which is not in the {self.holder}'s \"tools\""
         arguments = function.get("arguments")
         if not isinstance(arguments, str) or not isinstance(_json_object(arguments), dict):
             return f'{at} "arguments" must be a JSON string naming an object (got {quoted(arguments)})'

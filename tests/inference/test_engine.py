@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,24 @@ from transformers import AutoModelForCausalLM
 
 from backend.config import Settings
 from backend.inference.engine import AdapterSpec, Engine, Sink
-from backend.inference.protocol import GenerationRequest, Sampling
-from backend.inference.rendering import chat_prompt, completion_prompt
+from backend.inference.protocol import GenerationRequest, Limits, Sampling, parse_request
+from backend.inference.rendering import chat_prompt, completion_prompt, prompt_ids
 from backend.services.errors import InvalidRequest
 from backend.training.datasets import render_segments
 from backend.training.tiny_models import build_tokenizer, make_tiny_model
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count from 3:"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}}
+# A tool conversation as an OpenAI client sends it: a call (no content), the tool's answer, then the model's turn.
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'},
+]
 
 
 class Collected(Sink):
@@ -24,6 +36,10 @@ class Collected(Sink):
         self.text = ""
         self.reasons: list[str] = []
         self.tokens = 0
+        self.prompt_tokens = 0
+
+    def start(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
 
     def delta(self, index: int, text: str) -> None:
         self.text += text
@@ -94,3 +110,41 @@ def test_a_chat_prompt_is_what_training_renders_before_the_answer(templated: boo
     prompt = chat_prompt(CHAT, tokenizer)
     assert trained.startswith(prompt + answer_text) and prompt.endswith("<|assistant|>\n")
     assert completion_prompt("Count from 3:", tokenizer) == "Count from 3:"
+
+
+@pytest.mark.parametrize("templated", [True, False], ids=["template-with-tools", "fallback"])
+def test_a_chat_prompt_with_tools_is_what_tool_training_renders_before_the_answer(templated: bool) -> None:
+    from tests.training.test_chat_tools import TOOLS_TEMPLATE
+
+    tokenizer = build_tokenizer()
+    if templated:
+        tokenizer.chat_template = TOOLS_TEMPLATE
+    answer_text = "It is clear in Paris."
+    line = {"tools": [WEATHER], "messages": [*TOOL_CHAT, {"role": "assistant", "content": answer_text}]}
+    trained = "".join(piece for piece, _ in render_segments(line, "chat_tools", tokenizer))
+    request = parse_request({"model": "m", "messages": TOOL_CHAT, "tools": [WEATHER], "tool_choice": "auto"},
+                            kind="chat", limits=Limits(max_tokens=8, max_n=1))
+
+    prompt = chat_prompt(request.messages or [], tokenizer, request.tools)
+
+    assert trained.startswith(prompt + answer_text) and prompt.endswith("<|assistant|>\n")
+    tools_shown = "<|tools|>\n" if templated else "<|system|>\nTools:\n"  # the template's own, or the fallback
+    assert prompt.startswith(tools_shown + json.dumps([WEATHER]))
+    call = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' if templated else
+            '{"tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}]}')
+    assert call in prompt
+
+
+def test_the_engine_prompts_a_tools_request_with_the_tools_rendering(engine: Engine) -> None:
+    tokenizer = build_tokenizer()  # the tiny base's own (built the same way)
+    sampling = Sampling(max_tokens=2, temperature=0)
+    with_tools, without = Collected(), Collected()
+    for sink, tools in ((with_tools, [WEATHER]), (without, None)):
+        engine.generate(GenerationRequest(kind="chat", model="tiny-gpt2", messages=TOOL_CHAT, prompt=None,
+                                          sampling=sampling, tools=tools), sink)
+
+    rendered = chat_prompt(TOOL_CHAT, tokenizer, [WEATHER])
+    assert "Tools:\n" + json.dumps([WEATHER]) in rendered  # the tiny template has no tools support: the fallback
+    assert with_tools.prompt_tokens == len(prompt_ids(rendered, tokenizer))
+    assert without.prompt_tokens == len(prompt_ids(chat_prompt(TOOL_CHAT, tokenizer), tokenizer))
+    assert with_tools.prompt_tokens > without.prompt_tokens and with_tools.reasons == ["length"]

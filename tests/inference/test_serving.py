@@ -14,7 +14,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from backend.inference.rendering import chat_prompt, prompt_ids
 from tests.inference.conftest import ANSWER, MAX_N, MAX_TOKENS_CAP, QUESTION, Served, wait_succeeded
+from tests.inference.test_engine import TOOL_CHAT, WEATHER
 from tests.support.waiting import wait_for
 
 ASK = [{"role": "user", "content": f"{QUESTION} (7)"}]
@@ -47,6 +49,18 @@ def test_usage_counts_the_prompt_as_rendered_and_every_generated_token(served: S
                                              n=3)
     assert [c.index for c in three.choices] == [0, 1, 2] and three.usage.completion_tokens == 12
     assert len({c.text for c in three.choices}) == 1, "greedy choices are the same text"
+
+
+def test_tools_reach_the_engine_rendered_as_training_renders_them(served: Served) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(served.stack.models_dir / "tiny-gpt2")
+    rendered = chat_prompt(TOOL_CHAT, tokenizer, [WEATHER])
+    assert "Tools:\n" + json.dumps([WEATHER]) in rendered and '"tool_calls": [{"id": "call_1"' in rendered
+
+    answer = served.client.chat.completions.create(model=served.model, messages=TOOL_CHAT, tools=[WEATHER],
+                                                   tool_choice="auto", temperature=0, max_tokens=2)
+
+    assert answer.usage.prompt_tokens == len(prompt_ids(rendered, tokenizer))
+    assert answer.usage.prompt_tokens > len(prompt_ids(chat_prompt(TOOL_CHAT, tokenizer), tokenizer))
 
 
 def test_streaming_gives_the_same_answer_in_chunks_with_usage_last(served: Served) -> None:
@@ -129,6 +143,10 @@ BAD_CHAT = [
     # The context (512 tokens) is the engine's to check: a 300-token prompt leaves room for 212.
     ({"messages": [{"role": "user", "content": "a " * 295}], "max_tokens": 250}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "a " * 600}]}, "messages"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "messages": [*ASK, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]},
+     "messages[1].tool_call_id"),
 ]
 
 

@@ -11,12 +11,15 @@ DeepSpeedPreset = Literal["zero2", "zero2-offload", "zero3", "zero3-offload"]
 DEEPSPEED_PRESETS: tuple[str, ...] = ("zero2", "zero2-offload", "zero3", "zero3-offload")
 OptimizerName = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 EIGHT_BIT_OPTIMIZERS: frozenset[str] = frozenset({"adamw_8bit", "paged_adamw_8bit"})
+# --report_to's sinks, each with the package it needs (backend/training/integrations.py imports them lazily).
+REPORT_TO_LIBRARIES: dict[str, str] = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+WANDB_FIELDS = ("wandb_project", "wandb_name", "wandb_entity", "wandb_tags")
 
 # The keys a client may send in the API's `training` object (../shared/API.md): one vocabulary
 # with train_safe.py's flags. Paths, fault injection and remote code stay CLI/worker-only.
 API_TRAINING_FIELDS: frozenset[str] = frozenset(
     {
-        "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "report_to",
         "use_8bit", "use_4bit", "gradient_checkpointing", "fp16", "bf16", "epochs",
         "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
         "max_seq_length", "warmup_ratio", "weight_decay", "save_steps", "logging_steps", "seed",
@@ -115,6 +118,15 @@ class TrainingOptions(BaseModel):
         None, description="Checkpoint folder to resume from, or 'latest' in output_dir."
     )
 
+    # Where the metrics also go (the API's integrations set the wandb_* ones).
+    report_to: list[str] | None = Field(
+        None, description="Also log the metrics to tensorboard, mlflow and/or wandb (comma-separated)."
+    )
+    wandb_project: str | None = Field(None, description="W&B project for --report_to wandb ('safetrain' if omitted).")
+    wandb_name: str | None = Field(None, description="W&B (and MLflow) run name; the output folder's name if omitted.")
+    wandb_entity: str | None = Field(None, description="W&B team or user; the API key's default if omitted.")
+    wandb_tags: list[str] | None = Field(None, description="W&B run tags (comma-separated).")
+
     # Planning and safety.
     dry_run: bool = Field(False, description="Print the memory plan and exit without loading weights.")
     memory_budget_gb: float | None = Field(
@@ -132,7 +144,7 @@ class TrainingOptions(BaseModel):
     inject_oom_at_step: int | None = Field(None, description="Testing: raise a fake OOM at this step.")
     inject_nan_at_step: int | None = Field(None, description="Testing: make the loss NaN at this step.")
 
-    @field_validator("lora_target_modules", mode="before")
+    @field_validator("lora_target_modules", "report_to", "wandb_tags", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
@@ -223,6 +235,7 @@ def find_option_problems(options: TrainingOptions) -> list[str]:
     problems += _memory_technique_problems(options)
     problems += _multi_node_problems(options)
     problems += _dpo_problems(options)
+    problems += _report_to_problems(options)
     return problems
 
 
@@ -269,4 +282,21 @@ def _dpo_problems(options: TrainingOptions) -> list[str]:
     if options.deepspeed:
         problems.append("--method dpo and --deepspeed contradict each other: the reference forward needs the "
                         "adapter switched off on one unsharded model")
+    return problems
+
+
+def _report_to_problems(options: TrainingOptions) -> list[str]:
+    """Unknown sinks and missing libraries, found without importing any of them."""
+    names = options.report_to or []
+    unknown = [name for name in names if name not in REPORT_TO_LIBRARIES]
+    if unknown:
+        return [f"--report_to: unknown sink {unknown[0]!r} (choose from {', '.join(REPORT_TO_LIBRARIES)})"]
+    problems = [
+        f"--report_to {name} needs the {library} package, which is not installed"
+        for name, library in REPORT_TO_LIBRARIES.items()
+        if name in names and importlib.util.find_spec(library) is None
+    ]
+    asked = [name for name in WANDB_FIELDS if getattr(options, name)]
+    if asked and "wandb" not in names:
+        problems.append(f"--{asked[0]} needs --report_to wandb")
     return problems

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from backend.training.events import EventCallback, TrainingEvent
+from backend.training.integrations import MetricSinks
 
 if TYPE_CHECKING:
     from backend.training.state import Attempt
@@ -104,9 +105,11 @@ class Reporter:
         self._rank = rank
         # The process before any model loads: on the CPU, what RSS holds beyond this is what the plan counts.
         self.start_rss_bytes = int(psutil.Process().memory_info().rss)
+        self.sinks = MetricSinks()  # --report_to's, while integrations.open_sinks holds them open
 
     def emit(self, kind: Any, message: str = "", *, level: Any = "info", data: dict[str, Any] | None = None) -> None:
-        """Send one event of `kind` (dropped on the other ranks unless it is an error)."""
+        """Send one event of `kind` (dropped on the other ranks unless it is an error); its numbers to the sinks."""
+        self.sinks.record(kind, data or {})  # only the main rank opens sinks: the others' record nothing
         if self._on_event is None or (self._rank != 0 and level != "error"):
             return
         if self._rank != 0:

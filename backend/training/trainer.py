@@ -50,6 +50,7 @@ from backend.training.healing import (
     maybe_inject_nan,
     maybe_inject_oom,
 )
+from backend.training.integrations import open_sinks
 from backend.training.loss import loss_head_for, summed_loss
 from backend.training.manifest import save_adapter, write_manifest
 from backend.training.options import TrainingOptions
@@ -104,10 +105,10 @@ def run_training(
         return _failed(options, "invalid_options", str(error), report)
     # Telemetry, like events, comes from the main process only: one file, one writer.
     writer = TelemetryWriter(Path(options.output_dir)) if ranks.is_main else contextlib.nullcontext(None)
-    with writer as telemetry:
+    with writer as telemetry, open_sinks(options, report, main=ranks.is_main) as sinks:
         setup = TrainingSetup(options, plan, data, healing, report, telemetry, stop_requested or _never, ranks)
         try:
-            return _train_with_healing(setup)
+            return sinks.ended(_train_with_healing(setup))
         except ValueError as error:  # refused while loading: model source, precision, LoRA targets
             return _failed(options, "invalid_options", str(error), report)
         except Exception as error:

@@ -150,7 +150,7 @@ class FineTuningJob(BaseModel):
             validation_file=job.validation_file_id,
             result_files=list(job.result_files or []),
             metadata=job.metadata_,
-            integrations=[],
+            integrations=list(job.integrations or []),
             user_provided_suffix=job.suffix,
             memory=Memory(estimate_bytes=job.memory_estimate_bytes, peak_bytes=job.memory_peak_bytes,
                           budget_bytes=job.memory_budget_bytes, device=job.memory_device),

@@ -124,6 +124,7 @@ class Job(LeasedRow, Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     method: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     training: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    integrations: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)  # OpenAI's, e.g. W&B
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seed: Mapped[int] = mapped_column(BigInteger, default=42)

@@ -8,7 +8,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+
+# W&B's names: letters, digits, '_', '-' and '.'; a run name and tags are free text without control characters.
+WandbName = Annotated[StrictStr, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+WandbText = Annotated[StrictStr, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+WandbTag = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class WandbSettings(BaseModel):
+    """OpenAI's FineTuningJobWandbIntegration: where the job's W&B run goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: WandbName
+    name: WandbText | None = None
+    entity: WandbName | None = None
+    tags: Annotated[list[WandbTag], Field(max_length=64)] | None = None
+
+
+class WandbIntegration(BaseModel):
+    """One entry of `integrations`: {"type": "wandb", "wandb": {...}} (no key: the worker's environment has it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"]
+    wandb: WandbSettings
 
 
 class JobRequest(BaseModel):
@@ -37,7 +62,9 @@ class JobCreateRequest(JobRequest):
     """POST /v1/fine_tuning/jobs: OpenAI's job-create body plus safetrain's `training` object."""
 
     training_file: StrictStr
-    integrations: list[Any] | None = Field(default=None, description="Not supported: must be empty.")
+    integrations: Annotated[list[WandbIntegration], Field(max_length=1)] | None = Field(
+        default=None, description="OpenAI's integrations: one W&B run the worker logs the job's metrics to."
+    )
 
 
 class EstimateRequest(JobRequest):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from collections.abc import Callable
@@ -91,6 +92,13 @@ def check_method_fits_file(*, method_type: str, row: File, param: str) -> None:
     raise InvalidRequest(message, param=param, code="invalid_" + param)
 
 
+def _check_integrations(spec: JobCreateRequest) -> None:
+    """The shapes are the request model's; here, that this server can log to W&B at all."""
+    if spec.integrations and importlib.util.find_spec("wandb") is None:
+        raise InvalidRequest("The wandb integration needs the wandb package, which this server does not have.",
+                             param="integrations")
+
+
 def _check_datasets(*, session: Session, project: Project, spec: JobCreateRequest, method_type: str) -> None:
     row = _dataset_file(session=session, project=project, file_id=spec.training_file, param="training_file")
     check_method_fits_file(method_type=method_type, row=row, param="training_file")
@@ -104,8 +112,7 @@ def create_job(
 ) -> Job:
     """Validate the request, store the job as queued, commit, then `enqueue` its id (a send that fails is logged
     there, never raised: the row is committed and queued, so the reconciler sends it again)."""
-    if spec.integrations:
-        raise InvalidRequest("Integrations are not supported by safetrain.", param="integrations")
+    _check_integrations(spec)
     model = resolve_base_model(spec.model, settings=settings)
     resolved = resolve_training(
         hyperparameters=spec.hyperparameters, method=spec.method, training=spec.training, seed=spec.seed
@@ -130,6 +137,7 @@ def create_job(
         hyperparameters=resolved.hyperparameters,
         method=resolved.method,
         training=resolved.training,
+        integrations=[entry.model_dump() for entry in spec.integrations] if spec.integrations else None,
         metadata_=spec.metadata,
         suffix=spec.suffix,
         seed=resolved.options.seed,

@@ -173,7 +173,7 @@ BAD_JOB_REQUESTS: list[tuple[dict[str, object], str]] = [
     ({"seed": "seven"}, "seed"),
     ({"suffix": "has space"}, "suffix"),
     ({"metadata": {"k": 1}}, "metadata.k"),
-    ({"integrations": [{"type": "wandb"}]}, "integrations"),
+    ({"integrations": [{"type": "wandb"}]}, "integrations.0.wandb"),
     ({"unknown_field": 1}, "unknown_field"),
     ({"training_file": "file-doesnotexist"}, "training_file"),
     ({"validation_file": "file-doesnotexist"}, "validation_file"),

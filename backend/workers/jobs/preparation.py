@@ -108,6 +108,7 @@ def build_options(job: Job, *, model_dir: Path, train_path: Path, validation_pat
     fields = {key: value for key, value in (job.training or {}).items() if key in API_TRAINING_FIELDS}
     fields.setdefault("use_lora", True)
     fields.setdefault("seed", job.seed)
+    fields.update(integration_fields(job.integrations, fields.get("report_to")))
     try:
         return TrainingOptions(
             **fields,
@@ -120,6 +121,18 @@ def build_options(job: Job, *, model_dir: Path, train_path: Path, validation_pat
     except ValidationError as error:
         raise JobRefused("invalid_options", f"The training options are invalid: {error.errors()[0]['msg']}",
                          "training") from None
+
+
+def integration_fields(integrations: list[dict[str, Any]] | None, report_to: list[str] | None) -> dict[str, Any]:
+    """The job's W&B integration as the trainer's options: wandb among --report_to, and the run's settings."""
+    wandb = next((entry["wandb"] for entry in integrations or [] if entry.get("type") == "wandb"), None)
+    if wandb is None:
+        return {}
+    return {
+        "report_to": list(dict.fromkeys([*(report_to or []), "wandb"])),
+        "wandb_project": wandb["project"], "wandb_name": wandb.get("name"),
+        "wandb_entity": wandb.get("entity"), "wandb_tags": wandb.get("tags"),
+    }
 
 
 def plan_for_devices(options: TrainingOptions, model_dir: Path, devices: list[Device]) -> tuple[TrainingOptions, Any,

@@ -41,6 +41,7 @@ WRONG_TYPE: dict[str, list[object]] = {
     "chunked_loss": ["yes", 1],
     "method": [1, "ppo", ["dpo"]],
     "dpo_beta": ["0.1", True, [0.1]],
+    "report_to": [7, True, [1], {"tensorboard": True}],
 }
 
 OUT_OF_RANGE: dict[str, list[object]] = {
@@ -61,6 +62,7 @@ OUT_OF_RANGE: dict[str, list[object]] = {
     "logging_steps": [0, -1, 10**15],
     "seed": [-1, 2**31, 2**70],
     "deepspeed": ["/tmp/ds.json", "zero9", "../zero2", "zero2.json", "file:///tmp/ds.json", "ZERO2", ""],
+    "report_to": [["comet"], [""], ["tensorboard", "x" * 300], ["../wandb"]],
 }
 
 CONTRADICTIONS: list[tuple[dict[str, object], str]] = [
@@ -74,7 +76,7 @@ CONTRADICTIONS: list[tuple[dict[str, object], str]] = [
 UNKNOWN_KEYS = ["output_dir", "trust_remote_code", "model", "data", "validation_data", "eval_data",
                 "resume_from_checkpoint", "inject_oom_at_step", "inject_nan_at_step", "device_map", "max_memory",
                 "dry_run", "memory_budget_gb", "max_oom_retries", "save_total_limit", "__class__", "lora-r", "LORA_R",
-                ""]
+                "wandb_project", "wandb_entity", ""]  # W&B's settings come from `integrations` only
 
 # (extra body fields, the param the 400 must name)
 HYPERPARAMETER_ATTACKS: list[tuple[dict[str, object], str]] = [
@@ -177,7 +179,7 @@ def test_contradictions_unknown_keys_and_hyperparameter_attacks_are_400_naming_t
             "epochs": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-4,
             "max_steps": 10, "max_seq_length": 64, "warmup_ratio": 0.1, "weight_decay": 0.01, "save_steps": 5,
             "logging_steps": 1, "seed": 7, "packing": False, "train_on_completions_only": True, "deepspeed": "zero2",
-            "chunked_loss": False, "method": "supervised", "dpo_beta": 0.1}
+            "chunked_loss": False, "method": "supervised", "dpo_beta": 0.1, "report_to": ["tensorboard"]}
     assert set(good) == set(API_TRAINING_FIELDS)
     response = _create(client, key_a, file_id, {"training": good})
     assert response.status_code == 200, response.text

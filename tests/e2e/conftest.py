@@ -1,10 +1,11 @@
 """Live safetrain stacks for end-to-end tests: real uvicorn, real Celery worker, real trainer processes.
 
-Two configurations, each started once per module:
+Two configurations, each started once per session and shared by every module of the suite:
 - `redis_postgres`: `safetrain api` + `safetrain worker` on Redis (a dedicated db number) and a fresh
   PostgreSQL database created for the run and dropped after.
 - `embedded`: `safetrain up --demo-model` alone, on SQLite and kombu's SQLAlchemy transport in a temp
   data folder (it builds the demo model itself).
+A test that stops its stack is marked `stops_stack`; it runs after every other test of that stack.
 """
 
 from __future__ import annotations
@@ -210,9 +211,26 @@ def start_embedded(tmp: Path, data_dir: Path | None = None) -> Stack:
     return stack
 
 
-@pytest.fixture(scope="module", params=["redis_postgres", "embedded"])
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stops_stack: the test stops its stack, so it runs last on that stack")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest grouped the tests by the stack they share
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each `stops_stack` test moves to just after the last other test of its stack."""
+    def stack_of(item: pytest.Item) -> object:
+        callspec = getattr(item, "callspec", None)
+        return callspec.params.get("stack") if callspec is not None else None
+
+    for stopper in [item for item in items if item.get_closest_marker("stops_stack")]:
+        items.remove(stopper)
+        same = [index for index, item in enumerate(items) if stack_of(item) == stack_of(stopper)]
+        items.insert(same[-1] + 1 if same else len(items), stopper)
+
+
+@pytest.fixture(scope="session", params=["redis_postgres", "embedded"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A live deployment in one of the two configurations."""
+    """A live deployment in one of the two configurations, started once for every module of the suite."""
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "redis_postgres":
         models_dir = request.getfixturevalue("shared_models_dir")

@@ -149,8 +149,9 @@ def test_cancel_queued_pause_resume_cancel_running(stack: Stack, client: OpenAI,
     assert not metrics_steps(client, queued_id), "a job cancelled while queued must never start"
 
 
+@pytest.mark.stops_stack
 def test_stops_cleanly_and_keeps_its_key(stack: Stack, client: OpenAI) -> None:
-    """Last in the module: SIGTERM stops every process of the stack; a later `up` would print no new key."""
+    """Last on its stack (stops_stack): SIGTERM stops all its processes; a later `up` would print no new key."""
     first_page = client.fine_tuning.jobs.list(limit=2)
     assert first_page.has_more
     every_job = [job.id for job in client.fine_tuning.jobs.list(limit=2)]  # the SDK follows `after` cursors

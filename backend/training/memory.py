@@ -17,7 +17,6 @@ from transformers import PretrainedConfig
 from backend.training.memory_estimate import (
     CUDA_CONTEXT_BYTES,
     GIB,
-    KBIT_STREAM_BYTES,
     MIB,
     MemoryBreakdown,
     MemoryPlan,
@@ -26,6 +25,7 @@ from backend.training.memory_estimate import (
     cublas_workspace_bytes,
     default_device,
     estimate_memory,
+    kbit_stream_bytes,
     overhead_bytes,
     quantized_bytes,
     weight_bytes,
@@ -41,10 +41,11 @@ from backend.training.model_shape import (
 from backend.training.options import TrainingOptions
 
 __all__ = [
-    "CUDA_CONTEXT_BYTES", "GIB", "KBIT_STREAM_BYTES", "MIB", "LinearLayer", "MemoryBreakdown", "MemoryPlan",
+    "CUDA_CONTEXT_BYTES", "GIB", "MIB", "LinearLayer", "MemoryBreakdown", "MemoryPlan",
     "ModelShape", "activation_bytes", "apply_safe_defaults", "cheapest_fitting_changes", "compute_bytes",
     "cublas_workspace_bytes", "default_device", "describe_changes", "device_budget_bytes", "estimate_memory",
-    "format_plan", "load_model_config", "longest_fitting_seq_length", "lora_layers", "lora_targets", "model_shape",
+    "format_plan", "kbit_stream_bytes", "load_model_config", "longest_fitting_seq_length", "lora_layers",
+    "lora_targets", "model_shape",
     "overhead_bytes", "plan_memory", "quantized_bytes", "resolve_auto_seq_length", "smallest_fitting_budget",
     "weight_bytes",
 ]
@@ -178,8 +179,8 @@ def cheapest_fitting_changes(
 
 
 def _memory_saving_steps(options: TrainingOptions, *, device: str, budget_bytes: int) -> list[dict[str, Any]]:
-    """Changes from cheapest to most drastic: chunked loss, checkpointing, micro-batch, activation offload (GPU),
-    8-bit optimizer states, LoRA, 8-bit, 4-bit, weight offload."""
+    """Changes from cheapest to most drastic: chunked loss, checkpointing, micro-batch, activation and embedding
+    offload (GPU), 8-bit optimizer states, LoRA, 8-bit, 4-bit, weight offload."""
     steps: list[dict[str, Any]] = []
     if not options.chunked_loss and options.deepspeed is None:  # the same loss, only never the whole logits
         steps.append({"chunked_loss": True})
@@ -192,7 +193,9 @@ def _memory_saving_steps(options: TrainingOptions, *, device: str, budget_bytes:
                           "gradient_accumulation_steps": effective // micro_batch})
     if device.startswith("cuda") and not options.offload_activations:  # the same training, slower by the copies
         steps.append({"gradient_checkpointing": True, "offload_activations": True})
-    if not options.use_lora and options.optim == "adamw_torch" and importlib.util.find_spec("bitsandbytes"):
+    if device.startswith("cuda") and options.use_lora and not options.offload_embeddings:  # row copies only
+        steps.append({"offload_embeddings": True})
+    if options.optim == "adamw_torch" and importlib.util.find_spec("bitsandbytes"):
         steps.append({"optim": "adamw_8bit"})
     if not options.use_lora:
         steps.append({"use_lora": True})
@@ -365,7 +368,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{_size(plan.activations_with_checkpointing)} with)",
         f"  Sequence length {plan.max_seq_length:,}; techniques: {', '.join(plan.techniques) or 'none'}",
         *(f"  (--{name} saves {_size(saved)} on the device)" for name, saved in plan.savings.items()),
-        *([f"  Host RAM for offloaded activations: {_size(plan.host_bytes)}"] if plan.host_bytes else []),
+        *([f"  Host RAM for what is offloaded: {_size(plan.host_bytes)}"] if plan.host_bytes else []),
     ]
     if plan.budget_bytes is not None:
         verdict = "fits" if plan.fits else "DOES NOT FIT"

@@ -68,8 +68,6 @@ NESTED_BLOCK = 256
 _PYTHON_GELUS = {"gelu_new": 3, "gelu_fast": 3, "gelu_python": 2, "quick_gelu": 1, "gelu_accurate": 3}
 # peft keeps adapter weights (and so the tensors it casts for them) in fp32
 ADAPTER_BYTES = 4
-# A k-bit model's residual stream is fp32: prepare_model_for_kbit_training casts embeddings and norms up
-KBIT_STREAM_BYTES = 4
 
 
 @dataclass
@@ -142,7 +140,8 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         for on in (True, False)
     )
     activations = with_checkpointing if options.gradient_checkpointing else without_checkpointing
-    weights = weight_bytes(options, shape)
+    embeddings_on_host = host_embedding_bytes(options, shape, device=device)
+    weights = weight_bytes(options, shape) - embeddings_on_host
     optimizer = optimizer_state_bytes(options, shape, adapted)
     subtotal = weights + 4 * lora_parameters + 4 * trainable + optimizer + activations
     layer = _layer_activation_bytes(forward, shape, adapted, device=device, tokens=_tokens(forward))
@@ -168,8 +167,9 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         techniques=techniques_in_use(options, chunked_loss=chunked),
         savings={**(_chunked_loss_savings(options, shape, adapted, device=device) if chunked else {}),
                  **_offload_savings(options, shape, device=device),
-                 **_optimizer_savings(options, shape, adapted, optimizer_bytes=optimizer)},
-        host_bytes=checkpoint_input_bytes(options, shape) if offload else 0,
+                 **_optimizer_savings(options, shape, adapted, optimizer_bytes=optimizer),
+                 **({"offload_embeddings": embeddings_on_host} if embeddings_on_host else {})},
+        host_bytes=(checkpoint_input_bytes(options, shape) if offload else 0) + embeddings_on_host,
     )
 
 
@@ -197,6 +197,14 @@ def offloads_activations(options: TrainingOptions, device: str) -> bool:
     """Whether the checkpointed layers' inputs leave the device: --offload_activations on a GPU (on the CPU the
     host is the device, so they stay in the plan's activations)."""
     return options.offload_activations and bool(options.gradient_checkpointing) and device.startswith("cuda")
+
+
+def host_embedding_bytes(options: TrainingOptions, shape: ModelShape, *, device: str) -> int:
+    """The input embedding table's bytes that --offload_embeddings moves off a GPU (frozen, untied tables only)."""
+    if not (options.offload_embeddings and options.use_lora and device.startswith("cuda")) or shape.tied_embeddings:
+        return 0
+    element = kbit_stream_bytes(options) if options.use_4bit or options.use_8bit else compute_bytes(options)
+    return element * shape.input_embedding_parameters
 
 
 def checkpoint_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
@@ -236,6 +244,7 @@ def techniques_in_use(options: TrainingOptions, *, chunked_loss: bool) -> list[s
         "gradient_checkpointing": bool(options.gradient_checkpointing), "chunked_loss": chunked_loss,
         "fp16": options.fp16, "bf16": options.bf16, "device_map": options.device_map is not None,
         "offload_activations": options.offload_activations and bool(options.gradient_checkpointing),
+        "offload_embeddings": options.offload_embeddings,
     }
     used = [name for name, on in switches.items() if on] + ([options.optim] if options.optim != "adamw_torch" else [])
     return used + ([f"deepspeed_{options.deepspeed}"] if options.deepspeed else [])
@@ -283,12 +292,18 @@ def weight_bytes(options: TrainingOptions, shape: ModelShape) -> int:
     quantizable = shape.quantizable_parameters
     rest = shape.n_parameters - quantizable
     if options.use_4bit or options.use_8bit:
-        # prepare_model_for_kbit_training casts what is not quantized (embeddings, norms, lm_head) to fp32
-        return quantized_bytes(shape, bits=4 if options.use_4bit else 8) + 4 * rest
+        # what is not quantized (embeddings, norms, lm_head) is fp32, or bf16 under --bf16 (modeling.py)
+        return quantized_bytes(shape, bits=4 if options.use_4bit else 8) + kbit_stream_bytes(options) * rest
     if options.use_lora:
         return compute_bytes(options) * shape.n_parameters  # frozen base, loaded in the compute dtype
     autocast_copies = 2 * quantizable if compute_bytes(options) == 2 else 0  # half copies of linear weights
     return 4 * shape.n_parameters + autocast_copies  # fp32 master weights
+
+
+def kbit_stream_bytes(options: TrainingOptions) -> int:
+    """Bytes per element of a k-bit model's unquantized weights and residual stream: bf16 under --bf16, else
+    fp32 (prepare_model_for_kbit_training casts embeddings, norms and lm_head up; modeling._prepare_for_training)."""
+    return 2 if options.bf16 else 4
 
 
 def quantized_bytes(shape: ModelShape, *, bits: int) -> int:
@@ -358,7 +373,7 @@ def _layer_activation_bytes(
     if shape.residual_dropout > 0:
         per_token += 2 * mask * h
     # the 8-bit matmuls keep their inputs; the attention output (o_proj's input) is counted above already
-    per_token += max(_int8_kept_input_bytes(options, shape) - KBIT_STREAM_BYTES * h, 0)
+    per_token += max(_int8_kept_input_bytes(options, shape) - kbit_stream_bytes(options) * h, 0)
     # LoRA casts its input to the adapter's fp32 before dropout: a float mask is fp32 whatever the compute dtype;
     # lora_A keeps the dropout output (under autocast, its half copy), or the input without dropout
     lora_mask = ADAPTER_BYTES if device == "cpu" else 1
@@ -375,11 +390,11 @@ def _int8_kept_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
     bitsandbytes' MatMul8bitLt (CUDA) and MatMul8bitFp (CPU) keep the input A on the autograd context even
     when the weight is frozen (reentrant checkpointing drops the context; the non-reentrant kind could not);
     q/k/v read one tensor, as do gate/up. The stream is fp32 in a k-bit model (prepare_model_for_kbit_training
-    casts the embeddings and norms to fp32). 4-bit matmuls keep no input.
+    casts the embeddings and norms to fp32, unless --bf16). 4-bit matmuls keep no input.
     """
     if not options.use_8bit:
         return 0
-    return KBIT_STREAM_BYTES * shape.quantized_inputs_per_layer
+    return kbit_stream_bytes(options) * shape.quantized_inputs_per_layer
 
 
 def _tokens(options: TrainingOptions) -> int:
@@ -433,7 +448,7 @@ def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, devi
         gradients += options.per_device_train_batch_size * shape.heads * options.seq_length**2 * 4
     if options.use_8bit or options.use_4bit:
         weights = [layer.in_features * layer.out_features for layer in shape.linears if layer.quantizable]
-        gradients += KBIT_STREAM_BYTES * max(weights, default=0)
+        gradients += kbit_stream_bytes(options) * max(weights, default=0)
     return gradients
 
 

@@ -54,6 +54,8 @@ class ModelShape:
     default_lora_targets: tuple[str, ...]
     # Elements of each parameter tensor (tied ones once): bitsandbytes' 8-bit optimizers keep small ones in fp32.
     parameter_sizes: tuple[int, ...] = ()
+    input_embedding_parameters: int = 0
+    tied_embeddings: bool = False  # lm_head is the input embedding matrix itself
 
     @property
     def quantized_inputs_per_layer(self) -> int:
@@ -123,7 +125,14 @@ def _measure_shape(config: PretrainedConfig) -> ModelShape:
         attn_implementation=str(getattr(model.config, "_attn_implementation", None) or "sdpa"),
         default_lora_targets=tuple(default_lora_targets(model)),
         parameter_sizes=tuple(parameter.numel() for parameter in model.parameters()),
+        input_embedding_parameters=model.get_input_embeddings().weight.numel(),
+        tied_embeddings=_tied_embeddings(model),
     )
+
+
+def _tied_embeddings(model: torch.nn.Module) -> bool:
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return head is not None and head.weight is model.get_input_embeddings().weight  # type: ignore[operator]
 
 
 def _linear_layers(model: torch.nn.Module) -> list[LinearLayer]:

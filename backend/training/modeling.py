@@ -286,6 +286,10 @@ def load_model_and_tokenizer(options: TrainingOptions) -> tuple[Any, Any]:
         offload_checkpointed_activations(model)  # each layer's checkpoint function now keeps its input on the host
     if options.use_lora:
         model = _attach_lora(model, options)
+    if options.offload_embeddings:
+        from backend.training.offload import keep_input_embeddings_on_host
+
+        keep_input_embeddings_on_host(model)  # the frozen table in host memory, its rows copied to the device
     return model, tokenizer
 
 
@@ -354,13 +358,17 @@ def _prepare_for_training(model: Any, options: TrainingOptions) -> Any:
     # 8-bit matmul keeps its input on the autograd context, out of the non-reentrant one's reach, so every
     # layer's matmul inputs would stay alive (about 3 GB for a 7B model at 2 x 512 tokens).
     checkpoint_kwargs = {"use_reentrant": bool(options.use_8bit)}
-    if getattr(model, "is_quantized", False):
+    if getattr(model, "is_quantized", False) and not options.bf16:
         from peft import prepare_model_for_kbit_training
 
-        # Casts the unquantized parts (norms, head) to float32 for stable training and freezes the base.
+        # Casts the unquantized parts (norms, embeddings, head) to float32 and freezes the base: float16 norms
+        # and embeddings would overflow. Under --bf16 they stay bfloat16 (float32's range; torchtune and Unsloth
+        # train QLoRA so), which halves them: 2 GiB of embeddings and lm_head for Llama-3-8B.
         return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
         )
+    if getattr(model, "is_quantized", False):
+        model.requires_grad_(False)
     if checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias) to this.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)

@@ -135,3 +135,49 @@ def offload_checkpointed_activations(model: torch.nn.Module) -> ActivationOffloa
     if wrapped == 0:
         raise ValueError("--offload_activations found no checkpointed layer: it needs --gradient_checkpointing")
     return offloader
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --offload_embeddings: the frozen input embedding table stays in host memory.
+#
+# A forward reads one row of the table per token, so the table (vocab x hidden: 1 GiB in bf16 for Llama-3's
+# 128,256 tokens) need not occupy the GPU: the rows are gathered on the host and only they are copied over.
+# The table must be frozen (LoRA) and untied from lm_head, which needs the whole matrix on the device.
+
+
+def embeddings_on_host_problem(model: torch.nn.Module) -> str | None:
+    """Why the input embeddings cannot move to the host, or None when they can."""
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if embedding.weight.requires_grad:
+        return "--offload_embeddings needs a frozen embedding table (--use_lora, embeddings not trained)"
+    if head is not None and head.weight is embedding.weight:
+        return "--offload_embeddings needs an lm_head untied from the input embeddings (this model ties them)"
+    return None
+
+
+def keep_input_embeddings_on_host(model: torch.nn.Module) -> torch.device:
+    """Move the input embedding table to host memory; its output still arrives on the layers' device.
+
+    Returns the device the layers compute on (where the table was). On a machine without a GPU the table is
+    already in host memory and stays where it is.
+    """
+    problem = embeddings_on_host_problem(model)
+    if problem is not None:
+        raise ValueError(problem)
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    device = embedding.weight.device
+    embedding.compute_device = device  # read by compute_device(): the table no longer says where layers run
+    if device.type == "cpu":
+        return device
+    embedding.to("cpu")
+    # Prepended so that the rows are on the device before enable_input_require_grads' hook marks them.
+    embedding.register_forward_pre_hook(lambda _module, args: (args[0].to("cpu"), *args[1:]))
+    embedding.register_forward_hook(lambda _module, _args, rows: rows.to(device, non_blocking=True), prepend=True)
+    return device
+
+
+def compute_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's layers run on: where its input embeddings are, or were before going to the host."""
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    return getattr(embedding, "compute_device", embedding.weight.device)

@@ -24,6 +24,7 @@ API_TRAINING_FIELDS: frozenset[str] = frozenset(
         "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
         "max_seq_length", "warmup_ratio", "weight_decay", "save_steps", "logging_steps", "seed",
         "packing", "train_on_completions_only", "deepspeed", "chunked_loss", "method", "dpo_beta",
+        "optim", "offload_activations", "offload_embeddings",
     }
 )
 
@@ -85,6 +86,9 @@ class TrainingOptions(BaseModel):
     )
     offload_activations: bool = Field(
         False, description="Keep each checkpointed layer's input in host memory until the backward needs it."
+    )
+    offload_embeddings: bool = Field(
+        False, description="Keep the frozen input embedding table in host memory (LoRA, untied lm_head; GPU)."
     )
 
     # Several machines (each runs train_safe.py; the first one's address joins them).
@@ -245,6 +249,10 @@ def _memory_technique_problems(options: TrainingOptions) -> list[str]:
         problems.append(
             "--offload_activations needs --gradient_checkpointing: it offloads the checkpointed layers' inputs"
         )
+    if options.offload_embeddings and not options.use_lora:
+        problems.append("--offload_embeddings needs --use_lora: a full fine-tune trains the embedding table")
+    if options.offload_embeddings and options.deepspeed:
+        problems.append("--offload_embeddings and --deepspeed contradict each other: ZeRO places the table itself")
     if options.optim in EIGHT_BIT_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"--optim {options.optim} needs bitsandbytes, which is not installed: use --optim adamw_torch")
     return problems

@@ -18,6 +18,7 @@ from backend.training.checkpoints import TrainerState
 from backend.training.distributed import Ranks
 from backend.training.dpo import RewardTally
 from backend.training.healing import Healing
+from backend.training.offload import compute_device
 from backend.training.options import TrainingOptions
 from backend.training.reporting import Reporter, TokenAccuracy
 from backend.training.telemetry import MemorySampler, TelemetryWriter, ThroughputMeter
@@ -75,7 +76,7 @@ class Attempt:
         ranks = self.setup.ranks
         if self.forward_model is None:
             self.forward_model = self.model
-        self.device = ranks.device or self.model.get_input_embeddings().weight.device
+        self.device = ranks.device or compute_device(self.model)
         options = self.setup.options
         self.autocast_dtype = torch.bfloat16 if options.bf16 else torch.float16 if options.fp16 else None
         # Loss scaling is for fp16 on CUDA only; disabled, the scaler passes every call straight through.

@@ -42,6 +42,9 @@ WRONG_TYPE: dict[str, list[object]] = {
     "method": [1, "ppo", ["dpo"]],
     "dpo_beta": ["0.1", True, [0.1]],
     "report_to": [7, True, [1], {"tensorboard": True}],
+    "optim": [8, True, ["adamw_8bit"]],
+    "offload_activations": ["yes", 1],
+    "offload_embeddings": ["no", 0],
 }
 
 OUT_OF_RANGE: dict[str, list[object]] = {
@@ -63,6 +66,7 @@ OUT_OF_RANGE: dict[str, list[object]] = {
     "seed": [-1, 2**31, 2**70],
     "deepspeed": ["/tmp/ds.json", "zero9", "../zero2", "zero2.json", "file:///tmp/ds.json", "ZERO2", ""],
     "report_to": [["comet"], [""], ["tensorboard", "x" * 300], ["../wandb"]],
+    "optim": ["sgd", "ADAMW_8BIT", "adamw_8bit; rm -rf /", ""],
 }
 
 CONTRADICTIONS: list[tuple[dict[str, object], str]] = [
@@ -71,6 +75,8 @@ CONTRADICTIONS: list[tuple[dict[str, object], str]] = [
     ({"use_lora": False, "use_4bit": True}, "training.use_4bit"),
     ({"use_lora": False, "use_8bit": True}, "training.use_8bit"),
     ({"deepspeed": "zero2", "use_4bit": True}, "training.deepspeed"),
+    ({"offload_activations": True, "gradient_checkpointing": False}, "training.offload_activations"),
+    ({"use_lora": False, "offload_embeddings": True}, "training.offload_embeddings"),
 ]
 
 UNKNOWN_KEYS = ["output_dir", "trust_remote_code", "model", "data", "validation_data", "eval_data",
@@ -179,7 +185,8 @@ def test_contradictions_unknown_keys_and_hyperparameter_attacks_are_400_naming_t
             "epochs": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-4,
             "max_steps": 10, "max_seq_length": 64, "warmup_ratio": 0.1, "weight_decay": 0.01, "save_steps": 5,
             "logging_steps": 1, "seed": 7, "packing": False, "train_on_completions_only": True, "deepspeed": "zero2",
-            "chunked_loss": False, "method": "supervised", "dpo_beta": 0.1, "report_to": ["tensorboard"]}
+            "chunked_loss": False, "method": "supervised", "dpo_beta": 0.1, "report_to": ["tensorboard"],
+            "optim": "adamw_8bit", "offload_activations": True, "offload_embeddings": False}
     assert set(good) == set(API_TRAINING_FIELDS)
     response = _create(client, key_a, file_id, {"training": good})
     assert response.status_code == 200, response.text

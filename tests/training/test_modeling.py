@@ -284,3 +284,29 @@ def test_checkpointing_changes_no_gradient(tiny_models, arch, mode):
     for name, gradient in plain.items():
         assert checkpointed[name] is not None, f"{name} got no gradient under checkpointing"
         assert torch.allclose(checkpointed[name], gradient, rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("bits", ["use_4bit", "use_8bit"])
+def test_bf16_kbit_model_keeps_its_unquantized_weights_in_bf16(tiny_models, bits):
+    """Under --bf16 the embeddings, norms and lm_head stay bfloat16 (peft's prepare_model_for_kbit_training would
+    make them float32: twice the memory); without it they are float32 as before. Only the adapters train."""
+    half = TrainingOptions(model=str(tiny_models["llama"]), use_lora=True, bf16=True, gradient_checkpointing=True,
+                           lora_dropout=0.0, **{bits: True})
+    model, tokenizer = load_model_and_tokenizer(half)
+    base = model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    assert base.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert {name for name, param in model.named_parameters() if param.requires_grad} == {
+        name for name, _ in model.named_parameters() if "lora_" in name
+    }
+    ids = torch.randint(1, len(tokenizer), (2, 12))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(param.grad is not None for name, param in model.named_parameters() if "lora_B" in name)
+
+    full, _ = load_model_and_tokenizer(half.model_copy(update={"bf16": False}))
+    assert full.get_base_model().model.embed_tokens.weight.dtype == torch.float32

@@ -131,7 +131,7 @@ def test_the_gpu_plan_moves_the_checkpoint_term_to_the_host():
     assert offloaded.host_bytes == term and plain.host_bytes == 0
     assert offloaded.savings["offload_activations"] == term - kept
     assert "offload_activations" in offloaded.techniques
-    assert f"Host RAM for offloaded activations: {term / 2**20:.1f} MiB" in format_plan(offloaded)
+    assert f"Host RAM for what is offloaded: {term / 2**20:.1f} MiB" in format_plan(offloaded)
     # On the CPU the host is the device: nothing moves.
     cpu = estimate_memory(options, config, device="cpu")
     assert cpu.host_bytes == 0 and "offload_activations" not in cpu.savings
@@ -171,3 +171,52 @@ def test_a_tensor_at_a_freed_tensors_address_gets_its_own_copy():
     entry = offloader.pack(second)
     assert entry is not kept and torch.equal(offloader.unpack(entry), torch.full((256, 64), 2.0))
     assert torch.equal(offloader.unpack(kept), torch.full((256, 64), 1.0))
+
+
+# --offload_embeddings: the frozen input embedding table in host memory.
+
+
+def test_embeddings_on_host_are_refused_where_lm_head_needs_them(tiny_model_folders, tmp_path):
+    from backend.training.offload import embeddings_on_host_problem, keep_input_embeddings_on_host
+
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_model_folders["gpt2"])  # GPT-2 ties lm_head to the table
+    gpt2.requires_grad_(False)
+    assert "untied" in embeddings_on_host_problem(gpt2)
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_folders["llama"])
+    assert "frozen" in embeddings_on_host_problem(llama)  # a full fine-tune trains the table
+    with pytest.raises(ValueError, match="frozen"):
+        keep_input_embeddings_on_host(llama)
+    with pytest.raises(ValueError, match="--offload_embeddings needs --use_lora"):
+        TrainingOptions(model=str(tiny_model_folders["llama"]), offload_embeddings=True)
+    options = TrainingOptions(model=str(tiny_model_folders["gpt2"]), use_lora=True, offload_embeddings=True,
+                              output_dir=str(tmp_path / "out"), max_steps=1)
+    result = run_training(options)  # refused from the config, before any weight loads
+    assert result.status == "failed" and result.error_code == "invalid_options"
+    assert "ties" in result.error_message and not (tmp_path / "out" / "telemetry.jsonl").exists()
+
+
+def test_embeddings_on_host_keep_the_layers_device_and_the_loss(tiny_model_folders):
+    """On a machine without a GPU the table is already in host memory: nothing moves, the layers' device is still
+    the one the trainer uses, and the loss is the same."""
+    from backend.training.offload import compute_device, keep_input_embeddings_on_host
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_folders["llama"])
+    model.requires_grad_(False)
+    ids = torch.randint(1, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids, labels=ids).loss
+    assert keep_input_embeddings_on_host(model) == torch.device("cpu") == compute_device(model)
+    assert model(input_ids=ids, labels=ids).loss == before
+
+
+def test_plan_moves_the_embedding_table_to_the_host_on_a_gpu(tiny_model_folders):
+    config = load_model_config(str(tiny_model_folders["llama"]))
+    shape = model_shape(config)
+    options = TrainingOptions(model=str(tiny_model_folders["llama"]), use_lora=True, use_4bit=True, bf16=True)
+    offloaded = options.model_copy(update={"offload_embeddings": True})
+    plain_gpu, gpu = estimate_memory(options, config, device="cuda"), estimate_memory(offloaded, config, device="cuda")
+    table = 2 * shape.input_embedding_parameters  # bf16
+    assert plain_gpu.breakdown.weights - gpu.breakdown.weights == table
+    assert gpu.host_bytes - plain_gpu.host_bytes == table == gpu.savings["offload_embeddings"]
+    assert "offload_embeddings" in gpu.techniques
+    cpu = estimate_memory(offloaded, config, device="cpu")  # the host is the device: nothing is saved
+    assert cpu.breakdown.weights == estimate_memory(options, config, device="cpu").breakdown.weights

@@ -39,6 +39,7 @@ import torch
 from transformers import PretrainedConfig
 
 from backend.training.chunked_loss import chunked_loss_bytes, config_head_problem
+from backend.training.kernels import planned_kernels
 from backend.training.model_shape import LinearLayer, ModelShape, lora_layers, lora_targets, model_shape
 from backend.training.options import EIGHT_BIT_OPTIMIZERS, TrainingOptions
 
@@ -164,7 +165,7 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         activations_with_checkpointing=with_checkpointing,
         activations_without_checkpointing=without_checkpointing,
         max_seq_length=options.seq_length,
-        techniques=techniques_in_use(options, chunked_loss=chunked),
+        techniques=techniques_in_use(options, chunked_loss=chunked) + planned_kernels(options, config, device),
         savings={**(_chunked_loss_savings(options, shape, adapted, device=device) if chunked else {}),
                  **_offload_savings(options, shape, device=device),
                  **_optimizer_savings(options, shape, adapted, optimizer_bytes=optimizer),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from backend.training.kernels import apply_liger_kernels
 from backend.training.options import TrainingOptions
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -274,6 +275,7 @@ def load_model_and_tokenizer(options: TrainingOptions) -> tuple[Any, Any]:
     assert_no_remote_code(source, trust_remote_code=options.trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code=options.trust_remote_code)
     model = _load_base_model(source, options)
+    apply_liger_kernels(model, options)  # Liger's RMSNorm, RoPE and SwiGLU on CUDA when installed (kernels.py)
     model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -81,6 +81,9 @@ class TrainingOptions(BaseModel):
     chunked_loss: bool = Field(
         True, description="lm_head and the loss a slice of tokens at a time: the whole logits never exist."
     )
+    liger_kernels: bool = Field(
+        True, description="Liger Kernel's fused RMSNorm/RoPE/SwiGLU on CUDA when installed; off: the PyTorch modules."
+    )
     optim: OptimizerName = Field(
         "adamw_torch", description="Optimizer: adamw_torch, or bitsandbytes' adamw_8bit / paged_adamw_8bit."
     )

@@ -159,6 +159,7 @@ def _run_attempt(setup: TrainingSetup) -> TrainResult:
 
 def _setup_model(options: TrainingOptions, report: Reporter) -> tuple[Any, Any]:
     """The base model, quantized, checkpointed and wrapped with LoRA as the options say, in training mode."""
+    from backend.training.kernels import liger_kernels_message
     from backend.training.modeling import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(options)
@@ -166,6 +167,7 @@ def _setup_model(options: TrainingOptions, report: Reporter) -> tuple[Any, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     report.message(f"Loaded {options.model}: {trainable:,} of {total:,} parameters trainable")
+    report.message(liger_kernels_message(options, model))
     return model, tokenizer
 
 

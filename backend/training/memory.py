@@ -179,8 +179,8 @@ def cheapest_fitting_changes(
 
 
 def _memory_saving_steps(options: TrainingOptions, *, device: str, budget_bytes: int) -> list[dict[str, Any]]:
-    """Changes from cheapest to most drastic: chunked loss, checkpointing, micro-batch, activation and embedding
-    offload (GPU), 8-bit optimizer states, LoRA, 8-bit, 4-bit, weight offload."""
+    """Changes from cheapest to most drastic: chunked loss, checkpointing, micro-batch, tiled MLP, activation and
+    embedding offload (GPU), 8-bit optimizer states, LoRA, 8-bit, 4-bit, weight offload."""
     steps: list[dict[str, Any]] = []
     if not options.chunked_loss and options.deepspeed is None:  # the same loss, only never the whole logits
         steps.append({"chunked_loss": True})
@@ -191,6 +191,8 @@ def _memory_saving_steps(options: TrainingOptions, *, device: str, budget_bytes:
         if micro_batch < options.per_device_train_batch_size and effective % micro_batch == 0:
             steps.append({"per_device_train_batch_size": micro_batch,
                           "gradient_accumulation_steps": effective // micro_batch})
+    if not options.tiled_mlp and options.deepspeed is None:  # the same training, the MLP recomputed once more
+        steps.append({"tiled_mlp": True})
     if device.startswith("cuda") and not options.offload_activations:  # the same training, slower by the copies
         steps.append({"gradient_checkpointing": True, "offload_activations": True})
     if device.startswith("cuda") and options.use_lora and not options.offload_embeddings:  # row copies only

@@ -42,6 +42,7 @@ from backend.training.chunked_loss import chunked_loss_bytes, config_head_proble
 from backend.training.kernels import planned_kernels
 from backend.training.model_shape import LinearLayer, ModelShape, lora_layers, lora_targets, model_shape
 from backend.training.options import EIGHT_BIT_OPTIMIZERS, TrainingOptions
+from backend.training.tiled_mlp import tile_tokens_for
 
 MIB = 1024**2
 GIB = 1024**3
@@ -169,7 +170,8 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
         savings={**(_chunked_loss_savings(options, shape, adapted, device=device) if chunked else {}),
                  **_offload_savings(options, shape, device=device),
                  **_optimizer_savings(options, shape, adapted, optimizer_bytes=optimizer),
-                 **({"offload_embeddings": embeddings_on_host} if embeddings_on_host else {})},
+                 **({"offload_embeddings": embeddings_on_host} if embeddings_on_host else {}),
+                 **_tiled_mlp_savings(forward, shape, adapted, device=device, activations=activations)},
         host_bytes=(checkpoint_input_bytes(options, shape) if offload else 0) + embeddings_on_host,
     )
 
@@ -231,6 +233,21 @@ def _offload_savings(options: TrainingOptions, shape: ModelShape, *, device: str
     return {"offload_activations": checkpoint_input_bytes(options, shape) - kept}
 
 
+def _tiled_mlp_savings(
+    options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer], *, device: str, activations: int
+) -> dict[str, int]:
+    """What --tiled_mlp saves: the activations with the MLP run whole minus with it tiled (none for short inputs)."""
+    if mlp_tile_tokens(options, shape) is None:
+        return {}
+    whole = options.model_copy(update={"tiled_mlp": False})
+    checkpointing = bool(options.gradient_checkpointing)
+    offload = offloads_activations(options, device) and checkpointing
+    chunked = options.chunked_loss and options.deepspeed is None
+    untiled = activation_bytes(whole, shape, adapted, device=device, checkpointing=checkpointing,
+                               chunked_loss=chunked, offload=offload)
+    return {"tiled_mlp": max(untiled - activations, 0)}
+
+
 def chunked_loss_planned(options: TrainingOptions, config: PretrainedConfig) -> bool:
     """Whether the trainer will use the chunked loss: asked for, a plain head, no DeepSpeed, lm_head not adapted."""
     adapted_head = options.use_lora and "lm_head" in (options.lora_target_modules or [])
@@ -245,7 +262,7 @@ def techniques_in_use(options: TrainingOptions, *, chunked_loss: bool) -> list[s
         "gradient_checkpointing": bool(options.gradient_checkpointing), "chunked_loss": chunked_loss,
         "fp16": options.fp16, "bf16": options.bf16, "device_map": options.device_map is not None,
         "offload_activations": options.offload_activations and bool(options.gradient_checkpointing),
-        "offload_embeddings": options.offload_embeddings,
+        "offload_embeddings": options.offload_embeddings, "tiled_mlp": options.tiled_mlp,
     }
     used = [name for name, on in switches.items() if on] + ([options.optim] if options.optim != "adamw_torch" else [])
     return used + ([f"deepspeed_{options.deepspeed}"] if options.deepspeed else [])
@@ -360,17 +377,12 @@ def _layer_activation_bytes(
 ) -> int:
     element = compute_bytes(options)
     trained = not options.use_lora  # frozen linears do not keep their inputs
-    h, i = shape.hidden, shape.intermediate
+    h = shape.hidden
     mask = element if device == "cpu" else 1  # dropout keeps a float mask on the CPU, a byte mask on CUDA
     norm_fp32 = (2 if shape.rms_norm and trained else 1) * 4  # norms run in fp32; RMSNorm keeps its normalized x
     per_token = 2 * norm_fp32 * h
     per_token += element * (h + 2 * shape.kv_dim + h)  # q, k, v and the attention output
     per_token += element * 2 * h if trained else 0  # inputs of the qkv and MLP projections
-    if shape.gated_mlp:
-        per_token += element * (3 * i + (i if trained else 0))  # gate, act(gate), up; their product feeds down
-    else:
-        extra = _PYTHON_GELUS.get(shape.activation, 0)
-        per_token += element * (1 + extra + (1 if trained else 0)) * i
     if shape.residual_dropout > 0:
         per_token += 2 * mask * h
     # the 8-bit matmuls keep their inputs; the attention output (o_proj's input) is counted above already
@@ -379,10 +391,42 @@ def _layer_activation_bytes(
     # lora_A keeps the dropout output (under autocast, its half copy), or the input without dropout
     lora_mask = ADAPTER_BYTES if device == "cpu" else 1
     kept = (lora_mask + element) if options.lora_dropout > 0 else element
-    lora = sum(kept * layer.in_features + element * options.lora_r for layer in adapted)
-    per_token += lora // max(shape.layers, 1)
+    per_layer = max(shape.layers, 1)
+    lora = sum(kept * layer.in_features + element * options.lora_r for layer in adapted if not _in_mlp(layer))
+    per_token += lora // per_layer
+    mlp = _mlp_bytes_per_token(options, shape) + sum(
+        kept * layer.in_features + element * options.lora_r for layer in adapted if _in_mlp(layer)) // per_layer
+    tile = mlp_tile_tokens(options, shape)
+    if tile is None:
+        per_token += mlp
+        mlp_tile = 0
+    else:  # the MLP keeps only its input; one tile's tensors live while it is recomputed in the backward
+        per_token += element * h
+        mlp_tile = options.per_device_train_batch_size * tile * mlp
     scores = options.per_device_train_batch_size * shape.heads * options.seq_length**2
-    return tokens * per_token + scores * _score_bytes(options, shape, device=device)
+    return tokens * per_token + mlp_tile + scores * _score_bytes(options, shape, device=device)
+
+
+def _in_mlp(layer: LinearLayer) -> bool:
+    return ".mlp." in layer.name
+
+
+def _mlp_bytes_per_token(options: TrainingOptions, shape: ModelShape) -> int:
+    """What one layer's MLP keeps per token for its backward (its LoRA adapters' inputs not included)."""
+    element, i = compute_bytes(options), shape.intermediate
+    trained = not options.use_lora
+    if shape.gated_mlp:
+        return element * (3 * i + (i if trained else 0))  # gate, act(gate), up; their product feeds down
+    extra = _PYTHON_GELUS.get(shape.activation, 0)
+    return element * (1 + extra + (1 if trained else 0)) * i
+
+
+def mlp_tile_tokens(options: TrainingOptions, shape: ModelShape) -> int | None:
+    """Tokens per tile of one sequence under --tiled_mlp, or None where the MLP runs whole (off, or one tile)."""
+    if not options.tiled_mlp:
+        return None
+    tile = tile_tokens_for(shape.hidden)
+    return tile if options.seq_length > tile else None
 
 
 def _int8_kept_input_bytes(options: TrainingOptions, shape: ModelShape) -> int:
@@ -441,7 +485,9 @@ def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, devi
     coexists with the layer's activations: the rest is freed as fast as the backward makes it.
     """
     element = compute_bytes(options)
-    gradients = tokens * element * (shape.hidden + shape.intermediate)
+    tile = mlp_tile_tokens(options, shape)
+    intermediate_tokens = tokens if tile is None else options.per_device_train_batch_size * tile
+    gradients = element * (tokens * shape.hidden + intermediate_tokens * shape.intermediate)
     if _materialized_attention(shape, device=device):
         gradients += options.per_device_train_batch_size * shape.heads * options.seq_length**2 * element
     elif packed_mask_bytes(options, device=device) and device == "cpu":

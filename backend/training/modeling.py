@@ -288,6 +288,10 @@ def load_model_and_tokenizer(options: TrainingOptions) -> tuple[Any, Any]:
         offload_checkpointed_activations(model)  # each layer's checkpoint function now keeps its input on the host
     if options.use_lora:
         model = _attach_lora(model, options)
+    if options.tiled_mlp:
+        from backend.training.tiled_mlp import apply_tiled_mlp
+
+        apply_tiled_mlp(model)  # each MLP over tiles of the sequence, recomputed tile by tile in the backward
     if options.offload_embeddings:
         from backend.training.offload import keep_input_embeddings_on_host
 

@@ -24,7 +24,7 @@ API_TRAINING_FIELDS: frozenset[str] = frozenset(
         "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
         "max_seq_length", "warmup_ratio", "weight_decay", "save_steps", "logging_steps", "seed",
         "packing", "train_on_completions_only", "deepspeed", "chunked_loss", "method", "dpo_beta",
-        "optim", "offload_activations", "offload_embeddings",
+        "optim", "offload_activations", "offload_embeddings", "tiled_mlp",
     }
 )
 
@@ -92,6 +92,9 @@ class TrainingOptions(BaseModel):
     )
     offload_embeddings: bool = Field(
         False, description="Keep the frozen input embedding table in host memory (LoRA, untied lm_head; GPU)."
+    )
+    tiled_mlp: bool = Field(
+        False, description="Compute each layer's MLP a tile of tokens at a time, recomputed in the backward."
     )
 
     # Several machines (each runs train_safe.py; the first one's address joins them).
@@ -254,6 +257,8 @@ def _memory_technique_problems(options: TrainingOptions) -> list[str]:
         )
     if options.offload_embeddings and not options.use_lora:
         problems.append("--offload_embeddings needs --use_lora: a full fine-tune trains the embedding table")
+    if options.tiled_mlp and options.deepspeed:
+        problems.append("--tiled_mlp and --deepspeed contradict each other: the tiles' gradients bypass ZeRO's hooks")
     if options.offload_embeddings and options.deepspeed:
         problems.append("--offload_embeddings and --deepspeed contradict each other: ZeRO places the table itself")
     if options.optim in EIGHT_BIT_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:

@@ -45,6 +45,7 @@ WRONG_TYPE: dict[str, list[object]] = {
     "optim": [8, True, ["adamw_8bit"]],
     "offload_activations": ["yes", 1],
     "offload_embeddings": ["no", 0],
+    "tiled_mlp": ["on", 1],
 }
 
 OUT_OF_RANGE: dict[str, list[object]] = {
@@ -77,6 +78,7 @@ CONTRADICTIONS: list[tuple[dict[str, object], str]] = [
     ({"deepspeed": "zero2", "use_4bit": True}, "training.deepspeed"),
     ({"offload_activations": True, "gradient_checkpointing": False}, "training.offload_activations"),
     ({"use_lora": False, "offload_embeddings": True}, "training.offload_embeddings"),
+    ({"deepspeed": "zero2", "tiled_mlp": True}, "training.tiled_mlp"),
 ]
 
 UNKNOWN_KEYS = ["output_dir", "trust_remote_code", "model", "data", "validation_data", "eval_data",
@@ -186,7 +188,8 @@ def test_contradictions_unknown_keys_and_hyperparameter_attacks_are_400_naming_t
             "max_steps": 10, "max_seq_length": 64, "warmup_ratio": 0.1, "weight_decay": 0.01, "save_steps": 5,
             "logging_steps": 1, "seed": 7, "packing": False, "train_on_completions_only": True, "deepspeed": "zero2",
             "chunked_loss": False, "method": "supervised", "dpo_beta": 0.1, "report_to": ["tensorboard"],
-            "optim": "adamw_8bit", "offload_activations": True, "offload_embeddings": False}
+            "optim": "adamw_8bit", "offload_activations": True, "offload_embeddings": False,
+            "tiled_mlp": False}
     assert set(good) == set(API_TRAINING_FIELDS)
     response = _create(client, key_a, file_id, {"training": good})
     assert response.status_code == 200, response.text

@@ -139,8 +139,9 @@ def test_the_gpu_plan_moves_the_checkpoint_term_to_the_host():
 
 def test_the_plan_chooses_offload_when_tight_and_checks_the_host(monkeypatch):
     config = tiny_config("llama", 32_000, **LLAMA_8B_SHAPE)
+    # the MLP already tiled: offloading is then the cheapest step left (tests/training/test_tiled_mlp.py)
     options = TrainingOptions(use_lora=True, bf16=True, gradient_checkpointing=True, max_seq_length=16_384,
-                              per_device_train_batch_size=1)
+                              per_device_train_batch_size=1, tiled_mlp=True)
     needed = estimate_memory(options, config, device="cuda").estimate_bytes
     with_offload = estimate_memory(TrainingOptions(**{**options.model_dump(), "offload_activations": True}),
                                    config, device="cuda")

@@ -112,15 +112,37 @@ def resolve_auto_seq_length(
         messages.append("--max_seq_length auto: enabling --gradient_checkpointing (the longest context needs it)")
     limit = model_position_limit(config)
     length = longest_fitting_seq_length(options, config, budget_bytes=budget_bytes, device=device, limit=limit)
-    if length is None:
-        needed = smallest_fitting_budget(options, config, device=device)
-        raise ValueError(
-            f"--max_seq_length auto: nothing fits --memory_budget_gb {budget_bytes / GIB:.2f} on {device} with these "
-            f"settings; the smallest budget that fits is {needed / GIB:.2f} GiB (--memory_budget_gb {needed / GIB:.2f})"
-        )
+    if length is None:  # nothing fits with the settings given: the cheapest changes that fit, if any do
+        one_token = _updated(options, {"max_seq_length": 1})
+        changes = cheapest_fitting_changes(one_token, config, budget_bytes=budget_bytes, device=device)
+        if changes is None or "device_map" in changes:  # weight offload's plan is not one the search can grow
+            raise ValueError(_nothing_fits(options, config, budget_bytes=budget_bytes, device=device))
+        options = _updated(options, changes)
+        messages.append(f"--max_seq_length auto: nothing fits {_gib(budget_bytes)} with the settings given; "
+                        f"{describe_changes(changes)}")
+        length = longest_fitting_seq_length(options, config, budget_bytes=budget_bytes, device=device, limit=limit)
+        assert length is not None  # the changes fit one token
     capped = ", the model's position limit" if length == limit else ""
     messages.append(f"--max_seq_length auto: {length:,} tokens fit {_gib(budget_bytes)} on {device}{capped}")
     return _updated(options, {"max_seq_length": length}), messages
+
+
+def _nothing_fits(options: TrainingOptions, config: PretrainedConfig, *, budget_bytes: int, device: str) -> str:
+    """The refusal of --max_seq_length auto: the smallest budget with the settings given, and with every saver."""
+    needed = smallest_fitting_budget(options, config, device=device)
+    message = (f"--max_seq_length auto: nothing fits --memory_budget_gb {budget_bytes / GIB:.2f} on {device} with "
+               f"these settings or any memory saver; the smallest budget that fits is {needed / GIB:.2f} GiB "
+               f"(--memory_budget_gb {needed / GIB:.2f})")
+    steps = [step for step in _memory_saving_steps(options, device=device, budget_bytes=budget_bytes)
+             if "device_map" not in step]  # weight offload is planned apart (_fits_with_offload)
+    try:
+        saving = _updated(options, _merge(steps))
+    except ValueError:
+        return message
+    least = smallest_fitting_budget(saving, config, device=device)
+    if least < needed:
+        message += f", or {least / GIB:.2f} GiB if you {describe_changes(_merge(steps))}"
+    return message
 
 
 def model_position_limit(config: PretrainedConfig) -> int | None:

@@ -73,8 +73,8 @@ def test_a_fixed_length_plans_for_the_device_asked(planning_client, key_a):
     ({"budget_bytes": 0}, "budget_bytes", ""),
     ({"training": {"max_seq_length": "longest"}}, "training.max_seq_length", ""),
     ({"training": {"max_seq_length": 0}}, "training.max_seq_length", "at least 1"),
-    ({"budget_bytes": 8 * GIB, "device": "cuda", "training": {**QLORA_8B, "max_seq_length": "auto"}},
-     "training.max_seq_length", "the smallest budget that fits is 9.73 GiB"),
+    ({"budget_bytes": 5 * GIB, "device": "cuda", "training": {**QLORA_8B, "max_seq_length": "auto"}},
+     "training.max_seq_length", "the smallest budget that fits is 7.55 GiB"),
 ])
 def test_bad_planning_values_are_400_naming_the_field(planning_client, key_a, body, param, words):
     response = _estimate(planning_client, key_a, **body)

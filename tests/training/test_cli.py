@@ -240,13 +240,29 @@ def test_json_dry_run_plans_the_longest_gpu_context_from_a_config_alone(llama_8b
 
 def test_max_seq_length_auto_with_a_budget_that_fits_nothing_names_the_smallest(llama_8b_config, tmp_path, capsys):
     code = train_safe.main(["--model", str(llama_8b_config), "--output_dir", str(tmp_path / "out"), *QLORA_8B_FLAGS,
-                            "--memory_budget_gb", "6", "--max_seq_length", "auto", "--dry_run", "--json"])
+                            "--memory_budget_gb", "5", "--max_seq_length", "auto", "--dry_run", "--json"])
 
     answer = _plan_json(capsys)
     assert code == EXIT_BAD_OPTIONS and answer["fits"] is False and answer["error"] == "invalid_options"
-    assert "--max_seq_length auto" in answer["message"] and "--memory_budget_gb 6.00" in answer["message"]
+    assert "--max_seq_length auto" in answer["message"] and "--memory_budget_gb 5.00" in answer["message"]
     # 4-bit layers, bf16 embeddings and lm_head, fp32 adapters and AdamW states, the CUDA context: one token's plan
     assert "the smallest budget that fits is 7.55 GiB" in answer["message"]
+    assert "or 6.04 GiB if you enable" in answer["message"] and "--offload_embeddings" in answer["message"]
+
+
+def test_max_seq_length_auto_takes_the_cheapest_savers_when_the_settings_alone_fit_nothing(
+    llama_8b_config, tmp_path, capsys
+):
+    from backend.training.memory import GIB
+
+    code = train_safe.main(["--model", str(llama_8b_config), "--output_dir", str(tmp_path / "out"), *QLORA_8B_FLAGS,
+                            "--memory_budget_gb", "7", "--max_seq_length", "auto", "--dry_run", "--json"])
+
+    captured = capsys.readouterr().out
+    plan = json.loads(captured.strip().splitlines()[-1])
+    assert code == EXIT_OK and plan["fits"] and plan["estimate_bytes"] <= 7 * GIB < 7.55 * GIB
+    assert "nothing fits 7.0 GiB with the settings given; enable" in captured
+    assert plan["max_seq_length"] > 500 and {"offload_embeddings"} <= set(plan["techniques"])  # the cheapest: 867
 
 
 def test_no_chunked_loss_plans_the_whole_logits(tiny_gpt2, tmp_path, capsys):

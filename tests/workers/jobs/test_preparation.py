@@ -37,10 +37,10 @@ def test_auto_becomes_the_longest_length_the_gpu_fits(llama_8b):
 
 def test_auto_on_a_gpu_that_fits_nothing_is_refused_naming_the_smallest_budget(llama_8b):
     with pytest.raises(JobRefused) as refused:
-        plan_for_devices(_auto(llama_8b), llama_8b, [_gpu(8)])
+        plan_for_devices(_auto(llama_8b), llama_8b, [_gpu(5)])
 
     assert refused.value.code == "out_of_memory" and refused.value.param == "training.max_seq_length"
-    assert "the smallest budget that fits is 9.73 GiB" in refused.value.message
+    assert "the smallest budget that fits is 7.55 GiB" in refused.value.message
 
 
 def test_preference_lines_are_measured_for_truncation_by_their_longer_side(worker_models_dir, tmp_path):

@@ -122,6 +122,8 @@ def safetrain_command(args: argparse.Namespace, model: Path, data: Path, out: Pa
     ]
     if args.budget_gb is not None:
         command += ["--memory_budget_gb", str(args.budget_gb)]
+    if args.every_saver:  # what benchmarks/context_planning.py's "every saver" column plans with
+        command += ["--tiled_mlp", "--offload_activations", "--offload_embeddings", "--optim", "paged_adamw_8bit"]
     return command
 
 
@@ -259,6 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--qlora", action="store_true",
                         help="issue 11's setting: --bits 4 --bf16 --lora_r 32 --lora_alpha 32 --lora_dropout 0")
     parser.add_argument("--budget_gb", type=float, help="--memory_budget_gb for safetrain (default: what is free)")
+    parser.add_argument("--every-saver", action="store_true",
+                        help="safetrain with --tiled_mlp --offload_activations --offload_embeddings --optim "
+                             "paged_adamw_8bit (the longest-context setting of benchmarks/context_planning.py)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/safetrain-gpu-bench"))
     parser.add_argument("--reuse-model", action="store_true", help="keep a model of this shape already in --work")
     parser.add_argument("--keep-model", action="store_true", help="leave the model in --work for a later run")
@@ -350,8 +355,8 @@ def smoke(args: argparse.Namespace) -> int:
         code = main([*common, "--batch", "2", "--seq", "64", "--keep-model", "--out", str(work / "speed.json")])
         speed = json.loads((work / "speed.json").read_text())
         assert speed["safetrain"]["seq"] == 64 and speed["baseline"]["tokens_per_second"] > 0, speed
-        code |= main([*common, "--batch", "1", "--seq", "auto", "--steps", "2", "--reuse-model",
-                      "--out", str(work / "auto.json")])
+        code |= main([*common, "--batch", "1", "--seq", "auto", "--steps", "2", "--reuse-model", "--every-saver",
+                      "--keep-model", "--out", str(work / "auto.json")])
         auto = json.loads((work / "auto.json").read_text())
         assert auto["model_reused"] and auto["safetrain"]["seq"] == auto["plan"]["max_seq_length"], auto
         code |= main(["--shape", "8b", "--qlora", "--batch", "2", "--seq", "2048", "--plan-only"])

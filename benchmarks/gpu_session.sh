@@ -68,8 +68,10 @@ for part in "${PARTS[@]}"; do
       # issue 11: the plan's longest context for this device's memory, trained for real
       budget=()
       [ -z "${CONTEXT_BUDGET_GB:-}" ] || budget=(--budget_gb "$CONTEXT_BUDGET_GB")
+      # with every saver, as the README's longest-context table plans it (CONTEXT_SAVERS= for the settings alone)
+      savers=(${CONTEXT_SAVERS---every-saver})
       timeout 480 python3 benchmarks/gpu_large_models.py --shape 8b --qlora --batch 1 --seq auto --steps 2 \
-        --warmup 1 "${budget[@]}" --work "$WORK8B" --reuse-model --out "$OUT/context_8b.json" \
+        --warmup 1 "${budget[@]}" "${savers[@]}" --work "$WORK8B" --reuse-model --out "$OUT/context_8b.json" \
         | tee "$OUT/context_8b.txt" || echo "8B --max_seq_length auto did not finish in its 480 s" \
         | tee -a "$OUT/context_8b.txt"
       rm -rf "$WORK8B"

@@ -3,9 +3,11 @@
 At long context the MLP's intermediates (gate, act(gate), up: 3 x 14,336 values a token for Llama-3-8B, and the
 adapters' inputs) are most of what one layer keeps for its backward. `TiledMLP` runs the MLP over slices of the
 sequence without keeping anything but its input; the backward recomputes one slice with autograd on, pushes that
-slice of the output gradient through it (the input gradient's slice is written, parameter gradients such as the
-LoRA adapters' accumulate in `.grad` as usual) and frees it before the next. Only one tile's intermediates exist
-at a time, in the spirit of Arctic Long Sequence Training's TiledMLP (DeepSpeed).
+slice of the output gradient through it (the input gradient's slice is written, the parameters' gradients, such as
+the LoRA adapters', are summed over the tiles) and frees it before the next. Only one tile's intermediates exist
+at a time, in the spirit of Arctic Long Sequence Training's TiledMLP (DeepSpeed). The summed parameter gradients
+are the Function's own gradients for the parameters it takes as inputs, so autograd accumulates each into `.grad`
+once a backward, as for any layer (DDP's reducer and gradient hooks see one gradient, not one per tile).
 
 The random-number state is saved before each tile and restored for its recompute, so dropout inside the MLP
 (GPT-2's residual dropout, LoRA's dropout) draws the same masks: the gradients equal the plain MLP's.
@@ -14,7 +16,7 @@ The random-number state is saved before each tile and restored for its recompute
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,37 +51,69 @@ class TiledMLP(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, mlp: Callable[[torch.Tensor], torch.Tensor], tile: int, x: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
-        ctx.mlp, ctx.tile = mlp, tile
+        ctx.mlp, ctx.tile, ctx.params = mlp, tile, params
         ctx.autocast = _autocast_state(x.device)
         ctx.rng_states = []
-        outputs = []
         with torch.no_grad():
-            for piece in _tiles(x, tile):
-                ctx.rng_states.append(_rng_state(x.device))
-                outputs.append(mlp(piece))
+            output = _mlp_by_tiles(mlp, x, tile, before_tile=lambda: ctx.rng_states.append(_rng_state(x.device)))
         ctx.save_for_backward(x)
-        return torch.cat(outputs, dim=-2)
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
+        params = [param for param, needed in zip(ctx.params, ctx.needs_input_grad[3:], strict=True) if needed]
         x_grad = torch.empty_like(x) if ctx.needs_input_grad[2] else None
-        devices = [x.device] if x.device.type == "cuda" else []
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
         for index, (start, piece) in enumerate(zip(range(0, x.shape[-2], ctx.tile), _tiles(x, ctx.tile), strict=True)):
             piece = piece.detach().requires_grad_(x_grad is not None)
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**ctx.autocast):
-                _set_rng_state(ctx.rng_states[index], x.device)
-                output = ctx.mlp(piece)
-            torch.autograd.backward(output, grad_output[..., start:start + ctx.tile, :].contiguous())
+            wrt = [piece, *params] if x_grad is not None else params
+            grads = _tile_gradients(ctx, index, piece, wrt, grad_output[..., start:start + ctx.tile, :].contiguous())
             if x_grad is not None:
-                assert piece.grad is not None
-                x_grad[..., start:start + ctx.tile, :] = piece.grad
-        return (None, None, x_grad, *(None for _ in ctx.needs_input_grad[3:]))
+                piece_grad, grads = grads[0], grads[1:]
+                assert piece_grad is not None  # the MLP's output depends on its input
+                x_grad[..., start:start + ctx.tile, :] = piece_grad
+            param_grads = [_accumulate(total, grad) for total, grad in zip(param_grads, grads, strict=True)]
+        # Returned, not accumulated into `.grad` tile by tile: DDP's reducer marks a parameter ready once a backward.
+        by_param = iter(param_grads)
+        return (None, None, x_grad, *(next(by_param) if needed else None for needed in ctx.needs_input_grad[3:]))
 
 
-def _tiles(x: torch.Tensor, tile: int) -> list[torch.Tensor]:
-    """The sequence's slices, each contiguous (GPT-2's Conv1D views its input flat)."""
-    return [piece.contiguous() for piece in x.split(tile, dim=-2)]
+def _tile_gradients(
+    ctx: Any, index: int, piece: torch.Tensor, wrt: list[torch.Tensor], grad_output: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """One tile recomputed with autograd on (the forward's random state and autocast), and its gradients."""
+    devices = [piece.device] if piece.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**ctx.autocast):
+        _set_rng_state(ctx.rng_states[index], piece.device)
+        output = ctx.mlp(piece)
+    return torch.autograd.grad(output, wrt, grad_output, allow_unused=True)
+
+
+def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:
+    if total is None or grad is None:
+        return grad if total is None else total
+    return total.add_(grad)
+
+
+def _tiles(x: torch.Tensor, tile: int) -> Iterator[torch.Tensor]:
+    """The sequence's slices, each made contiguous only when its turn comes (GPT-2's Conv1D views its input flat)."""
+    return (piece.contiguous() for piece in x.split(tile, dim=-2))
+
+
+def _mlp_by_tiles(
+    mlp: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, before_tile: Callable[[], None]
+) -> torch.Tensor:
+    """The MLP's output, each tile written into it as computed (a list of tiles and a cat would hold it twice)."""
+    output: torch.Tensor | None = None
+    for start, piece in zip(range(0, x.shape[-2], tile), _tiles(x, tile), strict=True):
+        before_tile()
+        result = mlp(piece)
+        if output is None:  # the output's dtype is the MLP's (autocast may change it), its shape the input's
+            output = result.new_empty((*x.shape[:-1], result.shape[-1]))
+        output[..., start:start + tile, :] = result
+    assert output is not None
+    return output
 
 
 def _autocast_state(device: torch.device) -> dict[str, Any]:
@@ -96,7 +130,7 @@ def tile_mlp_forward(module: nn.Module, tile: int) -> None:
         if hidden_states.shape[-2] <= tile:
             return plain(hidden_states)
         if not torch.is_grad_enabled():  # no backward: the tiles alone, one at a time
-            return torch.cat([plain(piece) for piece in _tiles(hidden_states, tile)], dim=-2)
+            return _mlp_by_tiles(plain, hidden_states, tile, before_tile=lambda: None)
         trainable = [param for param in self.parameters() if param.requires_grad]
         return TiledMLP.apply(plain, tile, hidden_states, *trainable)
 

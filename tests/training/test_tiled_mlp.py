@@ -7,6 +7,7 @@ MLP must keep only its input for the backward; and the trainer's losses must not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,13 @@ from backend.training.modeling import load_model_and_tokenizer
 from backend.training.options import TrainingOptions
 from backend.training.tiled_mlp import apply_tiled_mlp, decoder_mlps
 from backend.training.trainer import run_training
+from benchmarks.live_tensors import LiveTensorPeak
+from tests.support.network import free_port
 
 TILE, TOKENS = 8, 44  # five full tiles and a short one
 
 
-def _gradients(folder: Path, *, tiled: bool, dropout: bool, **settings: object) -> dict[str, torch.Tensor]:
+def _prepared_model(folder: Path, *, tiled: bool, dropout: bool, **settings: object) -> torch.nn.Module:
     options = TrainingOptions(model=str(folder), lora_r=4, lora_dropout=0.1 if dropout else 0.0, **settings)
     torch.manual_seed(0)
     model, _tokenizer = load_model_and_tokenizer(options)
@@ -42,10 +45,17 @@ def _gradients(folder: Path, *, tiled: bool, dropout: bool, **settings: object) 
         for module in decoder_mlps(model):
             plain = module.forward
             module.forward = lambda x, plain=plain: torch.cat([plain(p.contiguous()) for p in x.split(TILE, -2)], -2)
-    model.train()
+    return model.train()
+
+
+def _gradients(
+    folder: Path, *, tiled: bool, dropout: bool, wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+    **settings: object,
+) -> dict[str, torch.Tensor]:
+    model = _prepared_model(folder, tiled=tiled, dropout=dropout, **settings)
     ids = torch.randint(1, 400, (2, TOKENS), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)
-    model(input_ids=ids, labels=ids).loss.backward()
+    wrap(model)(input_ids=ids, labels=ids).loss.backward()
     return {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
 
 
@@ -53,8 +63,9 @@ def _gradients(folder: Path, *, tiled: bool, dropout: bool, **settings: object) 
     {"use_lora": True},
     {"use_lora": True, "gradient_checkpointing": True},
     {"use_lora": True, "use_8bit": True, "gradient_checkpointing": True},  # reentrant checkpointing
+    {"use_lora": True, "use_4bit": True, "gradient_checkpointing": True},  # non-reentrant, k-bit prepared
     {"use_lora": False, "gradient_checkpointing": True},
-], ids=["lora", "lora-checkpointed", "lora-8bit-reentrant", "full-checkpointed"])
+], ids=["lora", "lora-checkpointed", "lora-8bit-reentrant", "lora-4bit-checkpointed", "full-checkpointed"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_tiled_mlp_gradients_equal_the_plain_mlps(tiny_model_folders, arch, settings):
     plain = _gradients(tiny_model_folders[arch], tiled=False, dropout=False, **settings)
@@ -98,6 +109,49 @@ def test_the_tiled_mlp_keeps_only_its_input():
     tiles = _saved_bytes(mlp, x)
     assert whole >= 3 * tokens * 1024 * 4  # gate, act(gate), up
     assert tiles <= tokens * 64 * 4 + 1024  # the input (and nothing of the intermediates) waits for the backward
+
+
+def _forward_backward_peak(mlp: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    with LiveTensorPeak() as live:
+        mlp(x).backward(grad)
+    return live.peak
+
+
+def test_the_tiled_mlps_live_peak_is_one_tiles_intermediates():
+    config = LlamaConfig(hidden_size=64, intermediate_size=1024, hidden_act="silu")
+    tokens, tile = 512, 64
+    torch.manual_seed(0)
+    mlp = LlamaMLP(config)
+    x, grad = torch.randn(1, tokens, 64, requires_grad=True), torch.randn(1, tokens, 64)
+    whole = _forward_backward_peak(mlp, x, grad)
+    whole_grads = [param.grad.clone() for param in mlp.parameters()]
+    mlp.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        expected_output = mlp(x)
+    tiled_mlp.tile_mlp_forward(mlp, tile)
+    tiles = _forward_backward_peak(mlp, x, grad)
+    assert whole >= 4 * tokens * 1024 * 4  # gate, up, act(gate), their product: the sequence's intermediates
+    weights = sum(param.numel() for param in mlp.parameters()) * 4  # the weights' gradients, made in the backward
+    # the output and the input's gradient, one tile's intermediates and their gradients, the weights' gradients
+    assert tiles <= 3 * tokens * 64 * 4 + 8 * tile * 1024 * 4 + 2 * weights < whole / 2
+    for param, expected in zip(mlp.parameters(), whole_grads, strict=True):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation: the tiles alone, the plain MLP's output
+        torch.testing.assert_close(mlp(x), expected_output)
+
+
+def test_tiled_mlp_gradients_reach_ddp_once_per_backward(tiny_llama):
+    """DDP's reducer marks each parameter ready once a backward: the tiles' gradients arrive summed, in one piece."""
+    plain = _gradients(tiny_llama, tiled=False, dropout=False, use_lora=True)
+    store = torch.distributed.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        tiled = _gradients(tiny_llama, tiled=True, dropout=False, use_lora=True,
+                           wrap=torch.nn.parallel.DistributedDataParallel)
+    finally:
+        torch.distributed.destroy_process_group()
+    for name, gradient in plain.items():
+        torch.testing.assert_close(tiled[name], gradient, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_tiled_run_trains_the_same_and_the_plan_counts_it(tiny_llama, learnable_data, tmp_path, monkeypatch):

@@ -141,7 +141,8 @@ def shared_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def base_env(data_dir: Path, models_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFETRAIN_")}
+    # No W&B key or MLflow server of this machine's: a job's --report_to writes only into its output folder.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAFETRAIN_", "WANDB_", "MLFLOW_"))}
     env.update(
         SAFETRAIN_DATA_DIR=str(data_dir),
         SAFETRAIN_MODELS_DIR=str(models_dir),

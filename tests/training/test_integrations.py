@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from wandb.proto import wandb_internal_pb2
 
 from backend.training.datasets import BUILTIN_DATASET
 from backend.training.events import TrainingEvent
@@ -28,6 +26,7 @@ from backend.training.options import TrainingOptions
 from backend.training.reporting import Reporter
 from backend.training.train_safe import parse_options
 from backend.training.trainer import run_training
+from tests.support.report_sinks import wandb_history, wandb_records
 
 from .conftest import EventLog
 
@@ -109,41 +108,16 @@ def test_the_mlflow_file_store_holds_a_finished_run_with_the_metrics(reported_ru
     assert json.loads(run.data.params["lora_r"]) == 8 and json.loads(run.data.params["max_steps"]) == 3
 
 
-def _wandb_records(run_file: Path) -> list[Any]:
-    """The records of a .wandb transaction log (LevelDB's log format after a 7-byte header), as wandb's protos."""
-    raw, block, position = run_file.read_bytes(), 32 * 1024, 7
-    assert raw[:4] == b":W&B"
-    records, pending = [], b""
-    while position + 7 <= len(raw):
-        if block - position % block < 7:  # a block's tail too short for a record header is padding
-            position += block - position % block
-            continue
-        _checksum, length, kind = struct.unpack("<IHB", raw[position : position + 7])
-        pending += raw[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):  # a whole record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
 def test_the_wandb_offline_run_in_the_output_folder_holds_the_metrics(reported_run):
     output, events = reported_run
     (run_folder,) = (output / "wandb").glob("offline-run-*")
     (run_file,) = run_folder.glob("run-*.wandb")
-    records = _wandb_records(run_file)
+    records = wandb_records(run_file)
 
     (run,) = [record.run for record in records if record.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name, list(run.tags)) == ("counting", "ftjob-counting", ["tiny", "cpu"])
     assert run_file.name == f"run-{run.run_id}.wandb"
-    history: dict[int, dict[str, float]] = {}
-    for record in records:
-        if record.WhichOneof("record_type") == "history":
-            items = record.history.item  # wandb 0.31 writes each key as nested_key
-            values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
-            history.setdefault(values["_step"], {}).update(values)
+    history = wandb_history(records)
     for name in LOGGED:
         assert [(step, history[step][name]) for step in sorted(history)] == _expected(events, name), name
     for name, value in _full_validation(events).items():

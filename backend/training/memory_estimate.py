@@ -496,7 +496,26 @@ def _backward_working_bytes(options: TrainingOptions, shape: ModelShape, *, devi
     if options.use_8bit or options.use_4bit:
         weights = [layer.in_features * layer.out_features for layer in shape.linears if layer.quantizable]
         gradients += kbit_stream_bytes(options) * max(weights, default=0)
-    return gradients
+    return max(gradients, _peft_cpu_cast_bytes(options, shape, device=device, tokens=tokens,
+                                               intermediate_tokens=intermediate_tokens))
+
+
+def _peft_cpu_cast_bytes(
+    options: TrainingOptions, shape: ModelShape, *, device: str, tokens: int, intermediate_tokens: int
+) -> int:
+    """The forward's (or the recompute's) widest moment on the CPU under k-bit LoRA in half precision.
+
+    peft's bitsandbytes LoRA layers cast their input to the adapters' fp32 unless `torch.is_autocast_enabled()`,
+    which reads CUDA's autocast only: on the CPU the MLP's product (down_proj's input) then lives in the compute
+    dtype and in fp32 at once on top of the layer's saved tensors, with the gradient arriving at the layer
+    (measured at the Llama-3.1-8B layer shape, 4,096 tokens: benchmarks/layer_plan_accuracy.py).
+    """
+    if device != "cpu" or not options.use_lora or not (options.use_4bit or options.use_8bit):
+        return 0
+    element = compute_bytes(options)
+    if element == 4:
+        return 0  # fp32 compute: the cast is a no-op
+    return element * tokens * shape.hidden + (element + 4) * intermediate_tokens * shape.intermediate
 
 
 def overhead_bytes(subtotal: int, device: str, *, layer_activations: int) -> int:

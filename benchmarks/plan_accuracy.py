@@ -49,6 +49,11 @@ SETTINGS: list[dict[str, Any]] = [
     {"name": name, "use_lora": lora, "use_8bit": bits == 8, "use_4bit": bits == 4, "gradient_checkpointing": gc}
     for name, lora, bits in (("full", False, 0), ("LoRA", True, 0), ("LoRA+8bit", True, 8), ("LoRA+4bit", True, 4))
     for gc in (False, True)
+] + [  # issue 11's techniques, each on checkpointed LoRA (the longest-context setting)
+    {"name": name, "use_lora": True, "use_8bit": False, "use_4bit": bits == 4, "gradient_checkpointing": True,
+     switch: True}
+    for name, bits, switch in (("LoRA+tiled MLP", 0, "tiled_mlp"), ("LoRA+4bit+tiled MLP", 4, "tiled_mlp"),
+                               ("LoRA+offload", 0, "offload_activations"))
 ]
 
 
@@ -93,6 +98,8 @@ def training_options(setting: dict[str, Any], folder: str, *, batch: int, seq: i
             "bf16": setting.get("bf16", False),
             "fp16": setting.get("fp16", False),
             "chunked_loss": setting.get("chunked_loss", True),
+            "tiled_mlp": setting.get("tiled_mlp", False),
+            "offload_activations": setting.get("offload_activations", False),
         }
     )
 
@@ -263,13 +270,17 @@ def make_model(folder: Path, arch: str) -> str:
     return str(make_tiny_model(folder, **MODEL_SHAPES[arch]))
 
 
-def run(*, arch: str, batch: int, seq: int, steps: int, write: bool, chunked_loss: bool = True) -> int:
+def run(
+    *, arch: str, batch: int, seq: int, steps: int, write: bool, chunked_loss: bool = True,
+    only: set[str] | None = None,
+) -> int:
     """Measure every setting, print the table, append it to RESULTS.md; 0 when all are within tolerance."""
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model(Path(tmp) / f"{arch}-bench", arch)
-        for setting in ({**setting, "chunked_loss": chunked_loss} for setting in SETTINGS):
+        chosen = [setting for setting in SETTINGS if only is None or setting["name"] in only]
+        for setting in ({**setting, "chunked_loss": chunked_loss} for setting in chosen):
             measured = measure_in_subprocess(setting, folder, batch=batch, seq=seq, steps=steps)
             plan = estimate(setting, folder, batch=batch, seq=seq, device=measured["device"])
             rows.append((setting, plan, measured))
@@ -346,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per setting")
     parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--plain-loss", action="store_true", help="train and plan with --no_chunked_loss")
+    parser.add_argument("--only", help="comma-separated setting names (e.g. 'LoRA+tiled MLP,LoRA+offload')")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -353,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_peak(request["setting"], request["folder"], batch=request["batch"],
                                       seq=request["seq"], steps=request["steps"])))
         return 0
+    only = {name.strip() for name in args.only.split(",")} if args.only else None
     return run(arch=args.arch, batch=args.batch, seq=args.seq, steps=args.steps, write=not args.no_write,
-               chunked_loss=not args.plain_loss)
+               chunked_loss=not args.plain_loss, only=only)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ EXIT_BAD_OPTIONS = 2
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL)
 
 EventKind = Literal["message", "metrics", "checkpoint", "telemetry", "plan"]
+# What a --method dpo run reports beside train_loss (TRL's names), in place of a token accuracy.
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
 
 @dataclass(frozen=True)

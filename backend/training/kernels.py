@@ -77,11 +77,15 @@ def liger_kernels_choice(
     return True, f"liger_kernel is installed, the device is CUDA and {config.model_type} is one of its models"
 
 
+def _loaded_model_choice(options: TrainingOptions, model: Any) -> tuple[bool, str]:
+    """`liger_kernels_choice` for a loaded model, on the device the trainer computes on, placed as it is."""
+    return liger_kernels_choice(options, model.config, training_device(),
+                                device_map=getattr(model, "hf_device_map", None))
+
+
 def apply_liger_kernels(model: Any, options: TrainingOptions) -> tuple[bool, str]:
     """Patch Liger's RMSNorm, RoPE and SwiGLU into `model` where `liger_kernels_choice` says so; its answer."""
-    chosen, reason = liger_kernels_choice(
-        options, model.config, training_device(), device_map=getattr(model, "hf_device_map", None)
-    )
+    chosen, reason = _loaded_model_choice(options, model)
     if chosen:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -94,9 +98,7 @@ def apply_liger_kernels(model: Any, options: TrainingOptions) -> tuple[bool, str
 
 def liger_kernels_message(options: TrainingOptions, model: Any) -> str:
     """The run's line on which path RMSNorm, RoPE and the MLP took, and why."""
-    chosen, reason = liger_kernels_choice(
-        options, model.config, training_device(), device_map=getattr(model, "hf_device_map", None)
-    )
+    chosen, reason = _loaded_model_choice(options, model)
     if chosen:
         return f"Liger kernels on (RMSNorm, RoPE, SwiGLU: {reason})"
     return f"Liger kernels off, transformers' PyTorch RMSNorm, RoPE and MLP: {reason}"

@@ -133,15 +133,15 @@ def _nothing_fits(options: TrainingOptions, config: PretrainedConfig, *, budget_
     message = (f"--max_seq_length auto: nothing fits --memory_budget_gb {budget_bytes / GIB:.2f} on {device} with "
                f"these settings or any memory saver; the smallest budget that fits is {needed / GIB:.2f} GiB "
                f"(--memory_budget_gb {needed / GIB:.2f})")
-    steps = [step for step in _memory_saving_steps(options, device=device, budget_bytes=budget_bytes)
-             if "device_map" not in step]  # weight offload is planned apart (_fits_with_offload)
+    every_saver = _merge([step for step in _memory_saving_steps(options, device=device, budget_bytes=budget_bytes)
+                          if "device_map" not in step])  # weight offload is planned apart (_fits_with_offload)
     try:
-        saving = _updated(options, _merge(steps))
+        saving = _updated(options, every_saver)
     except ValueError:
         return message
     least = smallest_fitting_budget(saving, config, device=device)
     if least < needed:
-        message += f", or {least / GIB:.2f} GiB if you {describe_changes(_merge(steps))}"
+        message += f", or {least / GIB:.2f} GiB if you {describe_changes(every_saver)}"
     return message
 
 

@@ -39,7 +39,7 @@ import torch
 from transformers import PretrainedConfig
 
 from backend.training.chunked_loss import chunked_loss_bytes, config_head_problem
-from backend.training.kernels import planned_kernels
+from backend.training.kernels import planned_kernels, training_device
 from backend.training.model_shape import LinearLayer, ModelShape, lora_layers, lora_targets, model_shape
 from backend.training.options import EIGHT_BIT_OPTIMIZERS, TrainingOptions
 from backend.training.tiled_mlp import tile_tokens_for
@@ -120,9 +120,8 @@ class MemoryPlan:
         return data
 
 
-def default_device() -> str:
-    """'cuda' where torch sees a GPU, else 'cpu'."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# 'cuda' where torch sees a GPU, else 'cpu': the device the trainer computes on (kernels.py decides by it too)
+default_device = training_device
 
 
 def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, device: str | None = None) -> MemoryPlan:
@@ -171,7 +170,8 @@ def estimate_memory(options: TrainingOptions, config: PretrainedConfig, *, devic
                  **_offload_savings(options, shape, device=device),
                  **_optimizer_savings(options, shape, adapted, optimizer_bytes=optimizer),
                  **({"offload_embeddings": embeddings_on_host} if embeddings_on_host else {}),
-                 **_tiled_mlp_savings(forward, shape, adapted, device=device, activations=activations)},
+                 **_tiled_mlp_savings(forward, shape, adapted, device=device, chunked_loss=chunked,
+                                      offload=offload, activations=activations)},
         host_bytes=(checkpoint_input_bytes(options, shape) if offload else 0) + embeddings_on_host,
     )
 
@@ -234,17 +234,15 @@ def _offload_savings(options: TrainingOptions, shape: ModelShape, *, device: str
 
 
 def _tiled_mlp_savings(
-    options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer], *, device: str, activations: int
+    options: TrainingOptions, shape: ModelShape, adapted: list[LinearLayer], *, device: str, chunked_loss: bool,
+    offload: bool, activations: int,
 ) -> dict[str, int]:
     """What --tiled_mlp saves: the activations with the MLP run whole minus with it tiled (none for short inputs)."""
     if mlp_tile_tokens(options, shape) is None:
         return {}
     whole = options.model_copy(update={"tiled_mlp": False})
-    checkpointing = bool(options.gradient_checkpointing)
-    offload = offloads_activations(options, device) and checkpointing
-    chunked = options.chunked_loss and options.deepspeed is None
-    untiled = activation_bytes(whole, shape, adapted, device=device, checkpointing=checkpointing,
-                               chunked_loss=chunked, offload=offload)
+    untiled = activation_bytes(whole, shape, adapted, device=device, checkpointing=bool(options.gradient_checkpointing),
+                               chunked_loss=chunked_loss, offload=offload)
     return {"tiled_mlp": max(untiled - activations, 0)}
 
 
@@ -392,10 +390,13 @@ def _layer_activation_bytes(
     lora_mask = ADAPTER_BYTES if device == "cpu" else 1
     kept = (lora_mask + element) if options.lora_dropout > 0 else element
     per_layer = max(shape.layers, 1)
-    lora = sum(kept * layer.in_features + element * options.lora_r for layer in adapted if not _in_mlp(layer))
-    per_token += lora // per_layer
-    mlp = _mlp_bytes_per_token(options, shape) + sum(
-        kept * layer.in_features + element * options.lora_r for layer in adapted if _in_mlp(layer)) // per_layer
+
+    def lora_inputs(in_mlp: bool) -> int:  # per token and layer, the adapters inside the MLP or outside it
+        return sum(kept * layer.in_features + element * options.lora_r
+                   for layer in adapted if _in_mlp(layer) == in_mlp) // per_layer
+
+    per_token += lora_inputs(in_mlp=False)
+    mlp = _mlp_bytes_per_token(options, shape) + lora_inputs(in_mlp=True)
     tile = mlp_tile_tokens(options, shape)
     if tile is None:
         per_token += mlp

@@ -145,6 +145,10 @@ def offload_checkpointed_activations(model: torch.nn.Module) -> ActivationOffloa
 # The table must be frozen (LoRA) and untied from lm_head, which needs the whole matrix on the device.
 
 
+TIED_HEAD_PROBLEM = ("--offload_embeddings needs an lm_head untied from the input embeddings: this model ties "
+                     "them (lm_head reads the whole table on the device); drop --offload_embeddings")
+
+
 def embeddings_on_host_problem(model: torch.nn.Module) -> str | None:
     """Why the input embeddings cannot move to the host, or None when they can."""
     embedding = model.get_input_embeddings()  # type: ignore[operator]
@@ -152,7 +156,7 @@ def embeddings_on_host_problem(model: torch.nn.Module) -> str | None:
     if embedding.weight.requires_grad:
         return "--offload_embeddings needs a frozen embedding table (--use_lora, embeddings not trained)"
     if head is not None and head.weight is embedding.weight:
-        return "--offload_embeddings needs an lm_head untied from the input embeddings (this model ties them)"
+        return TIED_HEAD_PROBLEM
     return None
 
 

@@ -63,8 +63,9 @@ def plan_before_loading(options: TrainingOptions, report: Reporter) -> tuple[Tra
     assert_not_base_folder(options.output_dir, source)
     config = load_model_config(source, trust_remote_code=options.trust_remote_code)
     if options.offload_embeddings and model_shape(config).tied_embeddings:
-        raise ValueError("--offload_embeddings needs an lm_head untied from the input embeddings: this model ties "
-                         "them (lm_head reads the whole table on the device); drop --offload_embeddings")
+        from backend.training.offload import TIED_HEAD_PROBLEM
+
+        raise ValueError(TIED_HEAD_PROBLEM)
     budget_bytes, device = device_budget_bytes(options)
     options, announcements = apply_safe_defaults(options, config, budget_bytes=budget_bytes, device=device)
     for note in [*announcements, *check_precision_supported(options)]:

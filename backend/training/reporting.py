@@ -21,7 +21,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from backend.training.events import EventCallback, TrainingEvent
+from backend.training.events import DPO_METRICS, EventCallback, TrainingEvent
 from backend.training.integrations import MetricSinks
 
 if TYPE_CHECKING:
@@ -34,8 +34,6 @@ OPENAI_METRICS = (
     "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
     "full_valid_loss", "full_valid_mean_token_accuracy",
 )
-# What a --method dpo run reports beside train_loss (TRL's names), in place of a token accuracy.
-DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 # bitsandbytes tries a Hub kernel for 4-bit CPU matmuls at import on CPUs with AVX512-BF16; without network
 # access or the `kernels` package it warns on every run, then uses its own kernel (nothing is lost).
 BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"

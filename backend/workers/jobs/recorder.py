@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import new_id
 from backend.services import job_runs
-from backend.training.events import TrainingEvent
+from backend.training.events import DPO_METRICS, TrainingEvent
 from backend.workers.supervisor import beating
 from backend.workers.writes import with_retry
 
@@ -34,8 +34,7 @@ METRIC_FIELDS = (
     # OpenAI's names, those a run has: train_mean_token_accuracy (supervised), valid_* with a validation file
     "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss",
     "full_valid_mean_token_accuracy",
-    # --method dpo's, in place of a token accuracy (training/reporting.DPO_METRICS)
-    "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+    *DPO_METRICS,  # --method dpo's, in place of a token accuracy
 )
 
 

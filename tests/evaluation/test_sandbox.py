@@ -282,7 +282,7 @@ def test_endless_loop_is_killed_at_the_wall_clock() -> None:
     elapsed = time.monotonic() - started
     assert result.stopped_reason == "timeout"
     assert result.exit_code is None
-    assert 1.0 <= result.duration_s < 2.0 and elapsed < 2.5
+    assert 1.0 <= result.duration_s < 3.0 and elapsed < 4.0  # killed near its 1 s limit, not left to loop
 
 
 def test_sleeping_program_is_killed_at_the_wall_clock_although_it_uses_no_cpu() -> None:

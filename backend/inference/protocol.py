@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from backend.inference.tool_calls import ParsedAnswer, parse_answer
 from backend.services.errors import InvalidRequest
 from backend.training.conversations import MESSAGE_ROLES, Conversation, quoted
 
@@ -59,6 +60,13 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     tools: list[dict[str, Any]] | None = None  # OpenAI's `tools`, legacy `functions` among them as tools
+    calls_tools: bool = False  # tools were declared and `tool_choice` is not "none": the answer's calls are read
+    legacy_functions: bool = False  # declared as `functions`: a call is answered as `function_call`
+
+    @property
+    def tool_names(self) -> set[str]:
+        """The names a call in the answer may use."""
+        return {tool["function"]["name"] for tool in self.tools or []}
 
     @property
     def input_param(self) -> str:
@@ -141,7 +149,15 @@ def _tool_param(message: dict[str, Any], where: str) -> str:
     return {"tool": f"{where}.tool_call_id", "function": f"{where}.name"}.get(message["role"], where)
 
 
-def _tools(body: dict[str, Any], kind: RequestKind) -> tuple[list[dict[str, Any]] | None, Conversation]:
+@dataclass
+class _Tools:
+    declared: list[dict[str, Any]] | None
+    conversation: Conversation
+    calls_tools: bool
+    legacy_functions: bool
+
+
+def _tools(body: dict[str, Any], kind: RequestKind) -> _Tools:
     """The declared tools (legacy `functions` as tools), checked as a training line's are, and their checker."""
     declared = {key: body[key] for key in ("tools", "functions") if body.get(key) is not None and body[key] != []}
     for key, value in declared.items():
@@ -158,7 +174,9 @@ def _tools(body: dict[str, Any], kind: RequestKind) -> tuple[list[dict[str, Any]
             raise _bad(f"{key} {quoted(choice)} is not supported: safetrain's inference does not force a call; "
                        'give "auto" (the model decides) or "none".', key)
     tools = [*declared.get("tools", []), *({"type": "function", "function": f} for f in declared.get("functions", []))]
-    return tools or None, Conversation(declared, holder="request")
+    choice = body.get("tool_choice") if "tools" in declared else body.get("function_call")
+    return _Tools(tools or None, Conversation(declared, holder="request"), calls_tools=bool(tools) and choice != "none",
+                  legacy_functions="functions" in declared and "tools" not in declared)
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -226,12 +244,14 @@ def parse_request(body: Any, *, kind: RequestKind, limits: Limits) -> Generation
     for name in _UNSUPPORTED:
         if body.get(name):
             raise _bad(f"{name} is not supported by safetrain's inference.", name)
-    tools, conversation = _tools(body, kind)
-    messages = _messages(body, conversation) if kind == "chat" else None
+    tools = _tools(body, kind)
+    messages = _messages(body, tools.conversation) if kind == "chat" else None
     prompt = _prompt(body) if kind == "completion" else None
     stream, include_usage = _streaming(body)
     return GenerationRequest(kind=kind, model=model, messages=messages, prompt=prompt,
-                             sampling=_sampling(body, limits), stream=stream, include_usage=include_usage, tools=tools)
+                             sampling=_sampling(body, limits), stream=stream, include_usage=include_usage,
+                             tools=tools.declared, calls_tools=tools.calls_tools,
+                             legacy_functions=tools.legacy_functions)
 
 
 # Answers.
@@ -246,13 +266,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def completion_object(
     request: GenerationRequest, *, response_id: str, texts: list[str], finish_reasons: list[str], used: dict[str, int]
 ) -> dict[str, Any]:
-    """The whole answer: a ChatCompletion or a (legacy) Completion."""
+    """The whole answer: a ChatCompletion (the calls in it read where tools were declared) or a Completion."""
     created = int(time.time())
     if request.kind == "chat":
-        choices: list[dict[str, Any]] = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-            for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
-        ]
+        choices = [_chat_choice(request, i, text, reason)
+                   for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))]
         return {"id": response_id, "object": "chat.completion", "created": created, "model": request.model,
                 "choices": choices, "usage": used}
     choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
@@ -261,11 +279,38 @@ def completion_object(
             "choices": choices, "usage": used}
 
 
+def _chat_choice(request: GenerationRequest, index: int, text: str, reason: str) -> dict[str, Any]:
+    parsed = parse_answer(text, request.tool_names) if request.calls_tools else None
+    message: dict[str, Any] = {"role": "assistant", "content": text if parsed is None else parsed.content}
+    if parsed is not None:
+        message |= call_fields(request, parsed.tool_calls)
+    return {"index": index, "message": message, "finish_reason": call_finish_reason(request, reason, parsed),
+            "logprobs": None}
+
+
+def call_fields(request: GenerationRequest, calls: list[dict[str, Any]], *, streamed: bool = False) -> dict[str, Any]:
+    """A message's (or a delta's) calls: `tool_calls`, or the first call as `function_call` for legacy functions."""
+    if request.legacy_functions:
+        return {"function_call": calls[0]["function"]}
+    if streamed:
+        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+    return {"tool_calls": calls}
+
+
+def call_finish_reason(request: GenerationRequest, reason: str, parsed: ParsedAnswer | None) -> str:
+    """OpenAI's reason for an answer that calls tools; a length cut stays `length`."""
+    if parsed is None or reason == "length":
+        return reason
+    return "function_call" if request.legacy_functions else "tool_calls"
+
+
 def chunk_object(
     request: GenerationRequest, *, response_id: str, created: int, index: int | None = None, text: str | None = None,
     finish_reason: str | None = None, first: bool = False, used: dict[str, int] | None = None,
+    calls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streamed chunk: a delta of choice `index`, or (index None) the closing usage chunk with no choices."""
+    """One streamed chunk: a delta of choice `index` (text, or `calls` from call_fields), or (index None) the
+    closing usage chunk with no choices."""
     base: dict[str, Any] = {"id": response_id, "created": created, "model": request.model}
     if request.kind == "chat":
         base["object"] = "chat.completion.chunk"
@@ -274,6 +319,8 @@ def chunk_object(
             delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {}
             if text and not first:
                 delta["content"] = text
+            if calls:
+                delta |= {"content": None, **calls} if first else calls
             choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
     else:
         base["object"] = "text_completion"

@@ -20,7 +20,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from backend.config import Settings, get_settings
 from backend.inference.engine import Engine, Sink
-from backend.inference.protocol import GenerationRequest, chunk_object, completion_object, parse_request, usage
+from backend.inference.protocol import (
+    GenerationRequest,
+    call_fields,
+    call_finish_reason,
+    chunk_object,
+    completion_object,
+    parse_request,
+    usage,
+)
+from backend.inference.tool_calls import CallStream
 from backend.services.base_models import list_base_models
 from backend.services.errors import InvalidRequest, NotFound, ServiceError
 
@@ -85,6 +94,9 @@ class Answer:
         self.id = f"{prefix}-{secrets.token_urlsafe(18)}"
         self.created = int(time.time())
         self.completion_tokens = 0
+        # Where the answer's calls are read, each streamed choice holds back text that may begin a call.
+        self._calls = ([CallStream(request.tool_names) for _ in range(request.sampling.n)]
+                       if request.calls_tools and request.stream else [])
 
     async def whole(self) -> Response:
         n = self.request.sampling.n
@@ -120,15 +132,29 @@ class Answer:
                 first = index not in started
                 started.add(index)
                 if event[0] == "delta":
-                    yield _sse(self._chunk(index=index, text=event[2], first=first))
+                    text = self._calls[index].feed(event[2]) if self._calls else event[2]
+                    if text or first:
+                        yield _sse(self._chunk(index=index, text=text, first=first))
                 else:
                     self.completion_tokens += event[3]
-                    yield _sse(self._chunk(index=index, finish_reason=event[2], first=first))
+                    for chunk in self._closing(index, event[2], first):
+                        yield _sse(chunk)
             if self.request.include_usage:
                 yield _sse(self._chunk(used=usage(self.prompt_tokens, self.completion_tokens)))
             yield b"data: [DONE]\n\n"
         finally:
             self.channel.gone = True  # the client went away (or the answer is complete): stop generating
+
+    def _closing(self, index: int, reason: str, first: bool) -> list[dict[str, Any]]:
+        """A choice's last chunks: the content held back in case it began a call, the calls, the finish reason."""
+        if not self._calls:
+            return [self._chunk(index=index, finish_reason=reason, first=first)]
+        rest, parsed = self._calls[index].finish()
+        parts: list[dict[str, Any]] = [{"text": rest}] if rest else []
+        if parsed is not None:
+            parts.append({"calls": call_fields(self.request, parsed.tool_calls, streamed=True)})
+        parts.append({"finish_reason": call_finish_reason(self.request, reason, parsed)})
+        return [self._chunk(index=index, first=first and n == 0, **part) for n, part in enumerate(parts)]
 
     def _chunk(self, **parts: Any) -> dict[str, Any]:
         return chunk_object(self.request, response_id=self.id, created=self.created, **parts)

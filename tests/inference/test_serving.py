@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from backend.inference.rendering import chat_prompt, prompt_ids
-from tests.inference.conftest import ANSWER, MAX_N, MAX_TOKENS_CAP, QUESTION, Served, wait_succeeded
+from tests.inference.conftest import ANSWER, MAX_N, MAX_TOKENS_CAP, QUESTION, TRAINING, Served, wait_succeeded
 from tests.inference.test_engine import TOOL_CHAT, WEATHER
 from tests.support.waiting import wait_for
 
@@ -240,3 +240,66 @@ def test_a_wrong_key_is_401_before_the_body_is_looked_at(served: Served) -> None
     stranger = served.stack.client("sk-not-a-key")
     with pytest.raises(openai.AuthenticationError):
         stranger.chat.completions.create(model=served.model, messages=[], max_tokens=-1)
+
+
+WEATHER_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+@pytest.fixture(scope="module")
+def tool_model(served: Served, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A job taught to answer every weather question with a call to get_weather (the template has no tools
+    support, so it learns safetrain's plain fallback: a `{"tool_calls": [...]}` line)."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps(WEATHER_CALL["arguments"])}}
+    rows = [{"tools": [WEATHER], "messages": [{"role": "user", "content": f"Weather in Paris? ({n})"},
+                                              {"role": "assistant", "tool_calls": [call]}]} for n in range(16)]
+    path = tmp_path_factory.mktemp("tools") / "calls.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with path.open("rb") as handle:
+        uploaded = served.client.files.create(file=handle, purpose="fine-tune")
+    # The call is 76 tokens; a LoRA on the tiny model's random output layer too lets 200 steps learn it exactly.
+    training = {**TRAINING, "lora_r": 16, "learning_rate": 0.02, "lora_target_modules": ["c_attn", "lm_head"],
+                "max_steps": 200, "save_steps": 200}
+    job = served.client.fine_tuning.jobs.create(model="tiny-gpt2", training_file=uploaded.id,
+                                                hyperparameters={"n_epochs": 1, "batch_size": 4},
+                                                extra_body={"training": training})
+    return wait_succeeded(served.client, job.id, served.stack)
+
+
+def ask_weather(served: Served, model: str, **extra: Any) -> Any:
+    return served.client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Weather in Paris? (7)"}], temperature=0, max_tokens=120,
+        **extra)
+
+
+def test_a_models_call_comes_back_as_tool_calls(served: Served, tool_model: str) -> None:
+    answer = ask_weather(served, tool_model, tools=[WEATHER])
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.id != "call_1"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == WEATHER_CALL["arguments"]
+
+    as_text = ask_weather(served, tool_model, tools=[WEATHER], tool_choice="none").choices[0]
+    assert as_text.message.tool_calls is None and as_text.finish_reason == "stop"
+    assert json.loads(as_text.message.content)["tool_calls"][0]["name"] == "get_weather", "none: the call stays text"
+
+    legacy = ask_weather(served, tool_model, functions=[WEATHER["function"]]).choices[0]
+    assert legacy.finish_reason == "function_call" and legacy.message.tool_calls is None
+    assert legacy.message.function_call.name == "get_weather"
+
+
+def test_a_streamed_call_arrives_as_tool_call_deltas_the_sdk_assembles(served: Served, tool_model: str) -> None:
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    state = ChatCompletionStreamState()
+    chunks = list(ask_weather(served, tool_model, tools=[WEATHER], stream=True))
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    assert not any("tool_calls" in (c.choices[0].delta.content or "") for c in chunks if c.choices), \
+        "the call's text is never streamed as content"
+    streamed = state.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls" and not streamed.message.content
+    [call] = streamed.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == WEATHER_CALL["arguments"]

@@ -103,11 +103,13 @@ class RewardTally:
                                       (chosen - rejected).sum(), torch.tensor(float(chosen.numel()),
                                                                                 device=chosen.device)]))
 
-    def means(self) -> dict[str, float]:
-        """The mean rewards per pair since the last call, then starts over; {} when nothing was counted."""
+    def means(self, ranks: Any) -> dict[str, float]:
+        """The mean rewards per pair since the last call over all ranks (one sync), then starts over; {} when
+        nothing was counted (a supervised run: no rank counts, so none syncs)."""
         if not self.sums:
             return {}
-        chosen, rejected, correct, margin, pairs = torch.stack(self.sums).sum(0).tolist()
+        totals = torch.stack([part.cpu() for part in self.sums]).sum(0).tolist()
+        chosen, rejected, correct, margin, pairs = ranks.sum(totals) if ranks.world_size > 1 else totals
         self.sums.clear()
         self.latest = {"rewards/chosen": chosen / pairs, "rewards/rejected": rejected / pairs,
                        "rewards/accuracy": correct / pairs, "rewards/margin": margin / pairs}

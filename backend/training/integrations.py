@@ -33,6 +33,9 @@ MLFLOW_TRACKING_URI_VARIABLE = "SAFETRAIN_MLFLOW_TRACKING_URI"
 WANDB_API_KEY_VARIABLE = "WANDB_API_KEY"
 MLFLOW_EXPERIMENT = "safetrain"
 WANDB_DEFAULT_PROJECT = "safetrain"
+# The x axis of every W&B chart: the optimizer step, logged as a metric. W&B's own step only rises, so a run that
+# healed by rolling back would lose its retried steps if they were logged as W&B steps.
+WANDB_STEP_METRIC = "train/global_step"
 TENSORBOARD_FOLDER = "tensorboard"
 MLFLOW_FOLDER = "mlruns"
 # The run ids a resumed run continues (a paused job's next attempt is a new process); hidden, so the adapter
@@ -106,8 +109,6 @@ def sunk_values(kind: str, data: dict[str, Any]) -> tuple[int, dict[str, float]]
     elif kind == "checkpoint":
         metrics = data.get("metrics") or {}
         chosen = {name: metrics[name] for name in CHECKPOINT_ONLY_METRICS if name in metrics}
-    elif kind == "message":  # --method dpo's rewards at a logging step
-        chosen = {name: value for name, value in data.items() if name.startswith("rewards/")}
     else:
         return None
     values = {name: float(value) for name, value in chosen.items() if _is_number(value)}
@@ -305,6 +306,8 @@ class WandbSink:
             settings=wandb.Settings(console="off", silent=True),  # the trainer's own events say where it is
         )
         run_ids.ids[self.name] = self._run.id
+        self._run.define_metric(WANDB_STEP_METRIC)
+        self._run.define_metric("*", step_metric=WANDB_STEP_METRIC)
 
     @property
     def where(self) -> str:
@@ -312,8 +315,7 @@ class WandbSink:
         return str(self._run.url) if self.online else str(Path(self._run.dir).parent)
 
     def log(self, values: dict[str, float], step: int) -> None:
-        # W&B drops steps below its last one: a run that healed by rolling back shows the retried steps once.
-        self._run.log(values, step=step)
+        self._run.log({**values, WANDB_STEP_METRIC: step})  # retried steps too (see WANDB_STEP_METRIC)
 
     def close(self, status: str) -> None:
         self._run.finish(exit_code=1 if status == "failed" else 0)

@@ -131,7 +131,7 @@ def log_metrics(attempt: Attempt, validation: dict[str, float] | None = None) ->
         "step": state.step,
         "train_loss": train_loss,
         **attempt.accuracy.as_metrics(setup.ranks),
-        **attempt.rewards.means(),  # --method dpo: the window's reward stats (in place of a token accuracy)
+        **attempt.rewards.means(setup.ranks),  # --method dpo: the window's reward stats (in place of a token accuracy)
         **(validation or {}),
         "learning_rate": attempt.learning_rate,
         "tokens_per_second": attempt.throughput.tokens_per_second(),

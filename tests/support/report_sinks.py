@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
+from backend.training.integrations import WANDB_STEP_METRIC
+
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar tag of the event files in `folder`: its (step, value) in order."""
@@ -59,15 +61,16 @@ def wandb_run(records: list[Any]) -> Any:
     return run
 
 
-def wandb_history(records: list[Any]) -> dict[int, dict[str, float]]:
-    """The logged values of a transaction log by step (`_step`)."""
-    history: dict[int, dict[str, float]] = {}
+def wandb_series(records: list[Any], name: str) -> list[tuple[int, float]]:
+    """One metric of a transaction log: its (optimizer step, value) in the order logged."""
+    series = []
     for record in records:
         if record.WhichOneof("record_type") == "history":
             items = record.history.item  # wandb 0.31 writes each key as nested_key
             values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
-            history.setdefault(values["_step"], {}).update(values)
-    return history
+            if name in values:
+                series.append((values[WANDB_STEP_METRIC], values[name]))
+    return series
 
 
 def wandb_exited_cleanly(records: list[Any]) -> bool:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backend.training.chunked_loss import chunked_loss_head
 from backend.training.datasets import IGNORE_INDEX
-from backend.training.dpo import collate_pairs, dpo_sigmoid_losses, pair_logps
+from backend.training.dpo import RewardTally, collate_pairs, dpo_sigmoid_losses, pair_logps
 from backend.training.model_shape import model_shape
 from backend.training.options import TrainingOptions
 from backend.training.preference_data import PreferenceExample, tokenize_preferences
@@ -247,3 +247,33 @@ def test_a_stopped_dpo_run_resumes_to_the_uninterrupted_runs_losses(
     assert resumed.status == "succeeded" and resumed.steps == 4
     losses = [m["train_loss"] for m in first.metrics() + second.metrics()]
     assert losses == pytest.approx([m["train_loss"] for m in straight.metrics()], abs=1e-5)
+
+
+class _TwoRanks:
+    """Ranks.sum as two ranks give it: this rank's totals plus the other rank's (which counted `other`)."""
+
+    world_size = 2
+
+    def __init__(self, other: list[float]) -> None:
+        self.other = other
+        self.calls = 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        self.calls += 1
+        return [mine + theirs for mine, theirs in zip(values, self.other, strict=True)]
+
+
+def test_reward_means_count_every_ranks_pairs() -> None:
+    from backend.training.distributed import Ranks
+
+    tally = RewardTally()
+    tally.add(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 4.0]))  # this rank: 2 pairs, 1 won, margin 0
+    other_rank = [4.0, 0.0, 2.0, 4.0, 2.0]  # chosen, rejected, won, margin, pairs summed on the other rank
+    ranks = _TwoRanks(other_rank)
+    means = tally.means(ranks)
+    assert ranks.calls == 1
+    assert means == {"rewards/chosen": 2.0, "rewards/rejected": 1.0, "rewards/accuracy": 0.75, "rewards/margin": 1.0}
+    assert tally.means(ranks) == {} and ranks.calls == 1, "an empty window syncs nothing"
+    tally.add(torch.tensor([2.0]), torch.tensor([1.0]))
+    assert tally.means(Ranks()) == {"rewards/chosen": 2.0, "rewards/rejected": 1.0, "rewards/accuracy": 1.0,
+                                    "rewards/margin": 1.0}

@@ -26,7 +26,7 @@ from backend.training.options import TrainingOptions
 from backend.training.reporting import Reporter
 from backend.training.train_safe import parse_options
 from backend.training.trainer import run_training
-from tests.support.report_sinks import wandb_history, wandb_records
+from tests.support.report_sinks import wandb_records, wandb_series
 
 from .conftest import EventLog
 
@@ -117,11 +117,10 @@ def test_the_wandb_offline_run_in_the_output_folder_holds_the_metrics(reported_r
     (run,) = [record.run for record in records if record.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name, list(run.tags)) == ("counting", "ftjob-counting", ["tiny", "cpu"])
     assert run_file.name == f"run-{run.run_id}.wandb"
-    history = wandb_history(records)
     for name in LOGGED:
-        assert [(step, history[step][name]) for step in sorted(history)] == _expected(events, name), name
+        assert wandb_series(records, name) == _expected(events, name), name
     for name, value in _full_validation(events).items():
-        assert history[3][name] == value
+        assert wandb_series(records, name) == [(3, value)]
     assert any(record.WhichOneof("record_type") == "exit" and record.exit.exit_code == 0 for record in records)
     (said,) = [event.message for event in events if event.message.startswith("Weights & Biases:")]
     assert f"offline run in {run_folder}" in said and "no WANDB_API_KEY" in said
@@ -149,6 +148,18 @@ def test_a_resumed_run_continues_the_same_mlflow_and_wandb_runs(tiny_gpt2, tmp_p
     assert client.get_run(ids["mlflow"]).info.status == "FINISHED"
     run_files = sorted((output / "wandb").glob("offline-run-*/run-*.wandb"))  # one offline folder per process
     assert [path.name for path in run_files] == [f"run-{ids['wandb']}.wandb"] * 2
+
+
+def test_steps_a_healed_run_retried_reach_wandb_as_the_events_give_them(tiny_gpt2, tmp_path, no_credentials):
+    events = EventLog()
+    output = tmp_path / "out"
+    result = run_training(_options(tiny_gpt2, output, max_steps=5, save_steps=2, inject_nan_at_step=4,
+                                   report_to=["wandb"], validation_data=None), on_event=events)
+    assert result.status == "succeeded" and result.metrics["divergence_recoveries"] == 1
+    steps = [entry["step"] for entry in events.metrics()]
+    assert len(steps) > len(set(steps)), f"the rollback retries a step: {steps}"
+    (run_file,) = (output / "wandb").glob("offline-run-*/run-*.wandb")
+    assert wandb_series(wandb_records(run_file), "train_loss") == _expected(events, "train_loss")
 
 
 def test_a_run_without_report_to_imports_no_sink_library(tiny_gpt2, tmp_path):
@@ -192,8 +203,9 @@ def test_only_an_events_numbers_reach_the_sinks():
     assert sunk_values("metrics", metrics) == (4, {"train_loss": 1.5, "learning_rate": 1e-4})
     checkpoint = {"step": 4, "path": "/x", "metrics": {"step": 4, "train_loss": 1.5, "full_valid_loss": 2.0}}
     assert sunk_values("checkpoint", checkpoint) == (4, {"full_valid_loss": 2.0})
-    assert sunk_values("message", {"step": 4, "rewards/margin": 0.25}) == (4, {"rewards/margin": 0.25})
-    assert sunk_values("message", {}) is None and sunk_values("telemetry", {"step": 4, "used_bytes": 1}) is None
+    assert sunk_values("metrics", {"step": 4, "rewards/margin": 0.25}) == (4, {"rewards/margin": 0.25})  # DPO's
+    assert sunk_values("message", {"step": 4, "rewards/margin": 0.25}) is None
+    assert sunk_values("telemetry", {"step": 4, "used_bytes": 1}) is None
     assert without_credentials("https://user:secret@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
     assert without_credentials("file:///tmp/mlruns") == "file:///tmp/mlruns"
 

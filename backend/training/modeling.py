@@ -395,6 +395,8 @@ def _attach_lora(model: Any, options: TrainingOptions) -> Any:
         lora_alpha=options.lora_alpha,
         lora_dropout=options.lora_dropout,
         target_modules=list(targets),
+        # GPT-2's Conv1D stores its weight transposed; peft corrects a wrong flag layer by layer, but warns each time.
+        fan_in_fan_out=_targets_are_all_conv1d(model, targets),
     )
     try:
         return get_peft_model(model, config)
@@ -411,6 +413,14 @@ def _is_linear(module: nn.Module) -> bool:
 
     # bitsandbytes' Linear8bitLt and Linear4bit subclass nn.Linear, so quantized models are covered too.
     return isinstance(module, nn.Linear | Conv1D)
+
+
+def _targets_are_all_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    adapted = [module for name, module in model.named_modules()
+               if any(name == target or name.endswith(f".{target}") for target in targets)]  # peft's matching
+    return bool(adapted) and all(isinstance(module, Conv1D) for module in adapted)
 
 
 def linear_leaf_names(model: nn.Module) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,7 +55,21 @@ def silence_bitsandbytes_cpu_kernel_notice() -> None:
         logger.addFilter(_DropBitsandbytesCpuKernelNotice())
 
 
+# peft (0.21) still calls transformers 4's names for activation checkpointing, which transformers 5 keeps as
+# deprecated aliases that warn on every LoRA run. The calls are peft's: nothing a user could change. Only these
+# aliases are matched, and only where transformers' modeling_utils warns them.
+PEFT_CHECKPOINTING_ALIASES = r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated"
+TRANSFORMERS_MODELING_MODULE = r"transformers\.modeling_utils"
+
+
+def silence_peft_checkpointing_aliases() -> None:
+    """Ignore transformers' FutureWarning for the checkpointing aliases peft calls (idempotent)."""
+    warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_ALIASES, category=FutureWarning,
+                            module=TRANSFORMERS_MODELING_MODULE)
+
+
 silence_bitsandbytes_cpu_kernel_notice()  # at import: the trainer imports this module before peft or bitsandbytes
+silence_peft_checkpointing_aliases()
 
 
 def token_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

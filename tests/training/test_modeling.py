@@ -243,6 +243,9 @@ def test_load_for_training(tiny_models, arch, mode, checkpointing):
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     if options.use_lora:
         assert model.peft_config["default"].target_modules == set(targets)
+        # set from the layers (GPT-2's Conv1D, unless quantized into Linear), so peft need not correct it
+        conv1d = isinstance(layer.base_layer, transformers.pytorch_utils.Conv1D)
+        assert model.peft_config["default"].fan_in_fan_out is conv1d
         assert all("lora_" in name for name in trainable)
         count = sum(param.numel() for param in model.parameters() if param.requires_grad)
         assert count == _expected_lora_params(model, targets, rank=4) > 0

@@ -1,5 +1,5 @@
 """reporting.py: OpenAI's metric names (token accuracy, valid_*, full_valid_*), the summary's memory line, and the
-one bitsandbytes notice that is silenced."""
+library notices that are silenced (bitsandbytes' CPU kernel, transformers' aliases peft calls) and nothing else."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from backend.training.reporting import (
     OPENAI_METRICS,
     mean_token_accuracy,
     memory_against_plan,
+    silence_peft_checkpointing_aliases,
 )
 from backend.training.trainer import _epoch_order, run_training
 
@@ -148,11 +150,12 @@ def test_cpu_memory_is_compared_like_with_like():
     assert memory_against_plan(gpu) == "peak memory 0.51 GiB against a plan of 0.17 GiB"
 
 
-def test_the_cli_prints_openai_names_and_not_the_bitsandbytes_kernel_notice(tiny_llama, tmp_path):
+def test_the_cli_prints_openai_names_and_no_library_warnings(tiny_gpt2, tmp_path):
+    """GPT-2 (Conv1D layers) with LoRA and checkpointing: the run peft and transformers used to warn on."""
     env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO_ROOT / "backend" / "training" / "train_safe.py"), "--model", str(tiny_llama),
+    command = [sys.executable, str(REPO_ROOT / "backend" / "training" / "train_safe.py"), "--model", str(tiny_gpt2),
                "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1", "--use_lora",
-               "--max_seq_length", "32", "--validation_data", str(BUILTIN_DATASET)]
+               "--gradient_checkpointing", "--max_seq_length", "32", "--validation_data", str(BUILTIN_DATASET)]
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -164,6 +167,7 @@ def test_the_cli_prints_openai_names_and_not_the_bitsandbytes_kernel_notice(tiny
     done_line = next(line for line in done.stdout.splitlines() if line.startswith("Done: 2 steps"))
     assert "full_valid_loss" in done_line and "peak process RSS" in done_line and "above the" in done_line
     assert BNB_CPU_KERNEL_NOTICE not in output  # bitsandbytes warns it at import on CPUs with AVX512-BF16
+    assert "Warning:" not in done.stderr, done.stderr[-3000:]  # fan_in_fan_out, is_gradient_checkpointing
 
 
 def test_only_the_kernel_notice_is_silenced(caplog):
@@ -172,3 +176,19 @@ def test_only_the_kernel_notice_is_silenced(caplog):
         logger.warning(f"{BNB_CPU_KERNEL_NOTICE}: %s. Please make sure you already `pip install kernels`", "no kernels")
         logger.warning("a real warning")
     assert caplog.messages == ["a real warning"]
+
+
+def test_only_the_checkpointing_aliases_peft_calls_are_silenced():
+    def warned_by_transformers(message: str) -> None:
+        warnings.warn_explicit(message, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_peft_checkpointing_aliases()
+        warned_by_transformers("`is_gradient_checkpointing` is deprecated and will be removed in v6.")
+        warned_by_transformers("`gradient_checkpointing_enable` is deprecated and will be removed in v6.")
+        warned_by_transformers("`use_cache` is deprecated")  # any other deprecation still shows
+        # and the alias itself, warned by another module
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+    assert [str(warning.message) for warning in caught] == ["`use_cache` is deprecated",
+                                                            "`is_gradient_checkpointing` is deprecated"]

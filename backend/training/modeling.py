@@ -395,9 +395,9 @@ def _attach_lora(model: Any, options: TrainingOptions) -> Any:
         lora_alpha=options.lora_alpha,
         lora_dropout=options.lora_dropout,
         target_modules=list(targets),
-        # GPT-2's Conv1D stores its weight transposed; peft corrects a wrong flag layer by layer, but warns each time.
-        fan_in_fan_out=_targets_are_all_conv1d(model, targets),
     )
+    # GPT-2's Conv1D stores its weight transposed; peft corrects a wrong flag layer by layer, but warns each time.
+    config.fan_in_fan_out = _adapts_only_conv1d(model, config)
     try:
         return get_peft_model(model, config)
     except ValueError as error:
@@ -415,11 +415,11 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear | Conv1D)
 
 
-def _targets_are_all_conv1d(model: nn.Module, targets: list[str]) -> bool:
+def _adapts_only_conv1d(model: nn.Module, config: Any) -> bool:
+    from peft.tuners.tuners_utils import check_target_module_exists
     from transformers.pytorch_utils import Conv1D
 
-    adapted = [module for name, module in model.named_modules()
-               if any(name == target or name.endswith(f".{target}") for target in targets)]  # peft's matching
+    adapted = [module for name, module in model.named_modules() if check_target_module_exists(config, name)]
     return bool(adapted) and all(isinstance(module, Conv1D) for module in adapted)
 
 

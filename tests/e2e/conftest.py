@@ -229,6 +229,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items.insert(same[-1] + 1 if same else len(items), stopper)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test on a stack carries that stack's logs and which of its processes still run: an SDK
+    `Connection error` alone never says why the service stopped answering."""
+    report = yield
+    running = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(running, Stack):
+        states = ", ".join(f"{p.args[len(CLI)]}: "
+                           f"{'running' if p.poll() is None else f'exited {p.returncode}'}"
+                           for p in running.processes)
+        report.sections.append((f"{running.name} stack ({states})", running.logs()))
+    return report
+
+
 @pytest.fixture(scope="session", params=["redis_postgres", "embedded"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A live deployment in one of the two configurations, started once for every module of the suite."""

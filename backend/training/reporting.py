@@ -8,10 +8,8 @@ is shown only on the main rank and only on a terminal. Metrics carry OpenAI's na
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,41 +33,6 @@ OPENAI_METRICS = (
     "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
     "full_valid_loss", "full_valid_mean_token_accuracy",
 )
-# bitsandbytes tries a Hub kernel for 4-bit CPU matmuls at import on CPUs with AVX512-BF16; without network
-# access or the `kernels` package it warns on every run, then uses its own kernel (nothing is lost).
-BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
-BNB_CPU_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-class _DropBitsandbytesCpuKernelNotice(logging.Filter):
-    """Drops that one bitsandbytes notice; every other record of its logger passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(BNB_CPU_KERNEL_NOTICE)
-
-
-def silence_bitsandbytes_cpu_kernel_notice() -> None:
-    """Install the filter on bitsandbytes' CPU-ops logger (before bitsandbytes is imported; idempotent)."""
-    logger = logging.getLogger(BNB_CPU_KERNEL_LOGGER)
-    if not any(isinstance(existing, _DropBitsandbytesCpuKernelNotice) for existing in logger.filters):
-        logger.addFilter(_DropBitsandbytesCpuKernelNotice())
-
-
-# peft (0.21) still calls transformers 4's names for activation checkpointing, which transformers 5 keeps as
-# deprecated aliases that warn on every LoRA run. The calls are peft's: nothing a user could change. Only these
-# aliases are matched, and only where transformers' modeling_utils warns them.
-PEFT_CHECKPOINTING_ALIASES = r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated"
-TRANSFORMERS_MODELING_MODULE = r"transformers\.modeling_utils"
-
-
-def silence_peft_checkpointing_aliases() -> None:
-    """Ignore transformers' FutureWarning for the checkpointing aliases peft calls (idempotent)."""
-    warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_ALIASES, category=FutureWarning,
-                            module=TRANSFORMERS_MODELING_MODULE)
-
-
-silence_bitsandbytes_cpu_kernel_notice()  # at import: the trainer imports this module before peft or bitsandbytes
-silence_peft_checkpointing_aliases()
 
 
 def token_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

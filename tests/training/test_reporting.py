@@ -4,12 +4,10 @@ library notices that are silenced (bitsandbytes' CPU kernel, transformers' alias
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +16,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from backend.library_noise import BNB_CPU_KERNEL_NOTICE
 from backend.training.checkpoints import TRAINER_STATE_FILE, latest_complete_checkpoint
 from backend.training.chunked_loss import chunked_argmax_hits, chunked_cross_entropy
 from backend.training.datasets import BUILTIN_DATASET, IGNORE_INDEX, collate
 from backend.training.options import TrainingOptions
 from backend.training.preflight import setup_data
-from backend.training.reporting import (
-    BNB_CPU_KERNEL_LOGGER,
-    BNB_CPU_KERNEL_NOTICE,
-    OPENAI_METRICS,
-    mean_token_accuracy,
-    memory_against_plan,
-    silence_peft_checkpointing_aliases,
-)
+from backend.training.reporting import OPENAI_METRICS, mean_token_accuracy, memory_against_plan
 from backend.training.trainer import _epoch_order, run_training
 
 from .conftest import EventLog
@@ -168,27 +160,3 @@ def test_the_cli_prints_openai_names_and_no_library_warnings(tiny_gpt2, tmp_path
     assert "full_valid_loss" in done_line and "peak process RSS" in done_line and "above the" in done_line
     assert BNB_CPU_KERNEL_NOTICE not in output  # bitsandbytes warns it at import on CPUs with AVX512-BF16
     assert "Warning:" not in done.stderr, done.stderr[-3000:]  # fan_in_fan_out, is_gradient_checkpointing
-
-
-def test_only_the_kernel_notice_is_silenced(caplog):
-    logger = logging.getLogger(BNB_CPU_KERNEL_LOGGER)  # the logger bitsandbytes' CPU backend warns on at import
-    with caplog.at_level(logging.WARNING):
-        logger.warning(f"{BNB_CPU_KERNEL_NOTICE}: %s. Please make sure you already `pip install kernels`", "no kernels")
-        logger.warning("a real warning")
-    assert caplog.messages == ["a real warning"]
-
-
-def test_only_the_checkpointing_aliases_peft_calls_are_silenced():
-    def warned_by_transformers(message: str) -> None:
-        warnings.warn_explicit(message, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        silence_peft_checkpointing_aliases()
-        warned_by_transformers("`is_gradient_checkpointing` is deprecated and will be removed in v6.")
-        warned_by_transformers("`gradient_checkpointing_enable` is deprecated and will be removed in v6.")
-        warned_by_transformers("`use_cache` is deprecated")  # any other deprecation still shows
-        # and the alias itself, warned by another module
-        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
-    assert [str(warning.message) for warning in caught] == ["`use_cache` is deprecated",
-                                                            "`is_gradient_checkpointing` is deprecated"]

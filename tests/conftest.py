@@ -22,6 +22,7 @@ from backend.config import Settings, get_settings
 from backend.db.migrations import downgrade_to_base, upgrade_to_head
 from backend.db.models import Base
 from backend.db.session import make_engine
+from backend.library_noise import silence_library_noise
 from tests.support.databases import POSTGRES_URL
 
 REDIS_URL = os.environ.get("SAFETRAIN_TEST_REDIS", "redis://127.0.0.1:6379/15")
@@ -32,6 +33,13 @@ TINY_GPT2_CONFIG = {
     "n_positions": 128, "vocab_size": 508, "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": True,
     "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05, "dtype": "float32",
 }
+
+
+@pytest.fixture(autouse=True)
+def _library_noise_silenced() -> None:
+    """The package's warning filters, in the test: pytest gives each test the filters it had before collection
+    imported `backend`, which drops the ones the package installed on import."""
+    silence_library_noise()
 
 
 def _postgres_reachable() -> bool:

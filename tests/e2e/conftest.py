@@ -18,7 +18,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,7 @@ class Stack:
     models_dir: Path
     log_dir: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)  # pid -> the name start() gave it
     printed_key: str | None = None
 
     def safetrain(self, *args: str) -> str:
@@ -77,6 +78,7 @@ class Stack:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it until it exits
         process = subprocess.Popen([*CLI, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(process)
+        self.names[process.pid] = name
         return process
 
     def wait_healthy(self) -> None:
@@ -230,14 +232,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed test on a stack carries that stack's logs and which of its processes still run: an SDK
     `Connection error` alone never says why the service stopped answering."""
     report = yield
     running = getattr(item, "funcargs", {}).get("stack")
     if report.failed and isinstance(running, Stack):
-        states = ", ".join(f"{p.args[len(CLI)]}: "
-                           f"{'running' if p.poll() is None else f'exited {p.returncode}'}"
+        states = ", ".join(f"{running.names[p.pid]}: {'running' if p.poll() is None else f'exited {p.returncode}'}"
                            for p in running.processes)
         report.sections.append((f"{running.name} stack ({states})", running.logs()))
     return report

@@ -43,5 +43,6 @@ def silence_peft_checkpointing_aliases() -> None:
 
 
 def silence_library_noise() -> None:
+    """Both filters (idempotent)."""
     silence_bitsandbytes_cpu_kernel_notice()
     silence_peft_checkpointing_aliases()

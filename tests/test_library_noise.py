@@ -33,6 +33,7 @@ def test_only_the_checkpointing_aliases_peft_calls_are_silenced():
     assert [str(warning.message) for warning in caught] == ["`use_cache` is deprecated",
                                                             "`is_gradient_checkpointing` is deprecated"]
 
+
 def test_a_worker_process_imports_bitsandbytes_without_the_kernel_notice():
     """What a worker's pool process imports (its task modules, warmed at fork), then bitsandbytes itself."""
     program = (

@@ -1,5 +1,5 @@
-"""reporting.py: OpenAI's metric names (token accuracy, valid_*, full_valid_*), the summary's memory line, and the
-library notices that are silenced (bitsandbytes' CPU kernel, transformers' aliases peft calls) and nothing else."""
+"""reporting.py: OpenAI's metric names (token accuracy, valid_*, full_valid_*), the summary's memory line, and a CLI
+run that prints no library warning (the filters themselves: tests/test_library_noise.py)."""
 
 from __future__ import annotations
 
